@@ -1,0 +1,79 @@
+"""Run a trained dRAM/CAM network the way it was trained: region by region, each region fitted into a chunk.
+
+The chunk maps are pasted back into the case's preprocessed grid (inside each region only), which is what
+nnU-Net's own export then resamples to the original image geometry.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from nnunetv2_dram.building_blocks.region_pooling import region_mean
+from nnunetv2_dram.training.region_chunks import ChunkSpec, RegionSample, extract_chunk, paste_chunk
+
+MAP_KINDS = ("final", "dram", "refined", "cam")
+
+
+def lesion_logits(network, x: torch.Tensor, kind: str = "final") -> torch.Tensor:
+    """Full-resolution single-channel lesion logits of a DenseRegressionNetwork or ClassActivationNetwork."""
+    out = network(x, return_all=True)
+    if "cam" in out:
+        mode = "trilinear" if x.ndim == 5 else "bilinear"
+        return torch.nn.functional.interpolate(out["cam"], size=x.shape[2:], mode=mode, align_corners=False)
+    if kind in ("final", "refined") and out.get("refined") is not None:
+        return out["refined"]
+    if kind == "refined":
+        raise ValueError("this network has no refinement modules (trained with DRAMTrainerNoRefine?)")
+    return out["dram"][0]
+
+
+@dataclass
+class CasePrediction:
+    probability: np.ndarray  # lesion probability in the case's grid (network axes), 0 outside the regions
+    fractions: dict = field(default_factory=dict)  # region -> pooled predicted fraction (as trained)
+
+
+@torch.no_grad()
+def predict_case_by_regions(network, data, seg, samples: Sequence[RegionSample], spec: ChunkSpec,
+                            device: torch.device, kind: str = "final", mirror_axes: Sequence[int] = (),
+                            batch_size: int = 2) -> CasePrediction:
+    """data (C, Z, Y, X), seg (1, Z, Y, X) preprocessed arrays of one case; samples: its regions."""
+    network.eval()
+    seg_np = np.asarray(seg[:])
+    two_d = len(spec.chunk_size) == 2
+    grid = seg_np[0, 0] if two_d else seg_np[0]
+    prob = np.zeros(grid.shape, dtype=np.float32)
+    fractions = {}
+    samples = list(samples)
+    for start in range(0, len(samples), batch_size):
+        batch = samples[start:start + batch_size]
+        chunks = [extract_chunk(data, seg_np, s, spec) for s in batch]
+        x = torch.stack([c[0] for c in chunks]).to(device)
+        m = torch.stack([c[1] for c in chunks]).to(device)
+        dev_ctx = torch.autocast(device.type, enabled=True) if device.type == "cuda" else _null()
+        with dev_ctx:
+            logits = lesion_logits(network, x, kind).float()
+            if mirror_axes:  # test-time mirroring, as nnU-Net's predictor does
+                n = 1
+                for axis in mirror_axes:
+                    d = [axis + 2]
+                    logits = logits + lesion_logits(network, x.flip(d), kind).float().flip(d)
+                    n += 1
+                logits = logits / n
+        p = torch.sigmoid(logits)
+        pooled = region_mean(p, m)[:, 0].cpu().numpy()
+        for s, (img, reg, placement, _), pm, frac in zip(batch, chunks, p.cpu(), pooled):
+            fractions[s.region] = float(frac)
+            paste_chunk(pm, placement, grid == s.region, prob)
+    return CasePrediction(prob, fractions)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False

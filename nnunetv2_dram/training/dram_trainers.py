@@ -1,0 +1,68 @@
+"""DRAMTrainer (the full method) and DRAMTrainerNoRefine (its ablation without refinement)."""
+from __future__ import annotations
+
+import torch
+
+from nnunetv2_dram.architectures.dram_network import (DenseRegressionNetwork, build_backbone,
+                                                      features_per_stage)
+from nnunetv2_dram.building_blocks.region_pooling import pooled_fraction
+from nnunetv2_dram.losses.interval_regression import interval_regression_loss
+from nnunetv2_dram.losses.self_training import self_training_loss
+from nnunetv2_dram.training.weak_trainer import WeakRegressionTrainer
+
+
+class DRAMTrainer(WeakRegressionTrainer):
+    """Dense regression activation maps: nnU-Net's network with one sigmoid output, averaged inside each region
+    to regress the region's lesion fraction (on every deep-supervision scale), refined by local-affinity
+    attention and a trainable dense CRF that get the same regression loss plus self-training on confident
+    voxels of the raw map."""
+
+    refine = True
+    attention_kwargs: dict = {}
+    crf_kwargs: dict = {}
+    refined_loss_weight = 1.0
+    self_training_weight = 0.5
+    self_training_warmup = 0.1  # share of the epochs over which the self-training weight ramps up from 0
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = True):
+        # num_output_channels is what the label set asks for (lobes while training, lesion/background when
+        # predicting); the dRAM has a single channel either way, exposed as two for nnU-Net's predictor
+        backbone = build_backbone(configuration_manager, num_input_channels, enable_deep_supervision)
+        fps = features_per_stage(configuration_manager)
+        return DenseRegressionNetwork(backbone, len(configuration_manager.patch_size), configuration_manager.spacing,
+                                      num_input_channels, fps[0] if fps else None, refine=cls.refine,
+                                      attention_kwargs=cls.attention_kwargs, crf_kwargs=cls.crf_kwargs)
+
+    def compute_loss(self, outputs: dict, mask: torch.Tensor, interval: torch.Tensor):
+        drams = outputs["dram"]
+        weights = self._deep_supervision_weights(len(drams))
+        fractions = [pooled_fraction(o, mask) for o in drams]
+        loss = sum(float(w) * interval_regression_loss(f, interval, band=self.interval_band)
+                   for w, f in zip(weights, fractions) if w > 0)
+        pred = fractions[0]
+        refined = outputs.get("refined")
+        if refined is not None:
+            f_ref = pooled_fraction(refined, mask)
+            loss = loss + self.refined_loss_weight * interval_regression_loss(f_ref, interval,
+                                                                              band=self.interval_band)
+            ramp = min(1.0, (self.current_epoch + 1) / max(1.0, self.self_training_warmup * self.num_epochs))
+            loss = loss + ramp * self.self_training_weight * self_training_loss(refined, drams[0].detach(), mask,
+                                                                                interval)
+            pred = f_ref
+        return loss, pred
+
+
+class DRAMTrainerNoRefine(DRAMTrainer):
+    """Ablation: the dRAM and its region-pooled regression only, no attention, no CRF."""
+
+    refine = False
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
