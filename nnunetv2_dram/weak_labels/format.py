@@ -98,7 +98,9 @@ def parse_region_value(value, target: str) -> tuple[RegionTarget | None, str | N
             return None, f"interval {json.dumps(value)} contains NaN or infinity"
         if not (0 <= low <= high <= 100):
             return None, f"interval {json.dumps(value)} must satisfy 0 <= low <= high <= 100"
-        return RegionTarget(low, high, "interval", [low, high] if low != high else low), None
+        # keep it an interval when written back, even a zero-width one: a bare number would mean a CTSS
+        # score in a "ctss" file
+        return RegionTarget(low, high, "interval", [low, high]), None
     if not _is_number(value):
         return None, f"value {json.dumps(value)} is neither a number nor an interval [low, high]"
     v = float(value)
