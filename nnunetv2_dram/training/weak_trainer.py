@@ -285,6 +285,9 @@ class WeakRegressionTrainer(nnUNetTrainer):
     def perform_actual_validation(self, save_probabilities: bool = False):
         """Region-% error of the trained model on the validation cases, run region by region as trained.
         Writes validation/region_fractions.json; with --npz also the lesion probability maps via nnU-Net's export."""
+        if os.environ.get("NNUNETV2_DRAM_SKIP_FINAL_VALIDATION", "0") in ("1", "true", "True"):
+            self.print_to_log_file("final validation skipped (NNUNETV2_DRAM_SKIP_FINAL_VALIDATION=1)")
+            return
         from nnunetv2_dram.evaluation.region_report import region_report
         from nnunetv2_dram.inference.region_inference import predict_case_by_regions
         if self.dataset_class is None:

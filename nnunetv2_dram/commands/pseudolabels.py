@@ -1,0 +1,58 @@
+"""Run a trained dRAM/CAM model over the training cases and write DatasetNEW_ID_<Name>Pseudo: a standard
+nnU-Net raw dataset (same images, pseudo lesion labels) for nnUNetv2_plan_and_preprocess / nnUNetv2_train."""
+
+
+def add_arguments(p):
+    p.add_argument("-d", required=True, help="source weak dataset (id or name)")
+    p.add_argument("-c", default="3d_fullres", help="configuration the weak model was trained with")
+    p.add_argument("-f", default="0", help="fold of the weak model (or 'all')")
+    p.add_argument("-tr", default="DRAMTrainer", help="trainer of the weak model")
+    p.add_argument("-p", default="nnUNetPlans", help="plans identifier of the weak model")
+    p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint file name")
+    p.add_argument("-o", required=True, type=int, help="id of the new pseudo-label dataset")
+    p.add_argument("--crf", choices=("none", "dense"), default="dense", help="dense CRF refinement on the CT")
+    p.add_argument("--crf-backend", choices=("auto", "pydensecrf", "torch"), default="auto",
+                   help="auto: torch CRF on a GPU, else pydensecrf if installed, else torch on the CPU")
+    p.add_argument("--threshold", default="calibrated",
+                   help="'calibrated' (match each region's weak label; default), 'otsu', or a number")
+    p.add_argument("--ignore-band", type=float, default=0.0,
+                   help="mark voxels within this probability of their region's threshold as 'ignore' (label 2)")
+    p.add_argument("--map", dest="map_kind", choices=("final", "dram", "refined"), default="final",
+                   help="which map of a DRAMTrainer model (final = refined when the model has refinement)")
+    p.add_argument("-device", default="cuda", choices=("cuda", "cpu", "mps"))
+    p.add_argument("-np", type=int, default=2, help="worker processes for CRF, thresholding and writing")
+    p.add_argument("-num_parts", type=int, default=1, help="split the cases over this many runs (GPUs/machines)")
+    p.add_argument("-part_id", type=int, default=0, help="which part this run does (0-based)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing pseudo-label dataset")
+    p.add_argument("--qc", default=None, help="folder for one QC PNG per case")
+
+
+def run(args) -> int:
+    from nnunetv2_dram.cli import UserError
+    from nnunetv2_dram.paths import ensure_nnunet_paths
+    ensure_nnunet_paths()
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    from nnunetv2_dram.pseudo_labels.generate import PseudoLabelError, PseudoLabelSettings, make_pseudo_labels
+    import torch
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("-device cuda but no CUDA device is available; use -device cpu")
+    if args.threshold not in ("calibrated", "otsu"):
+        try:
+            float(args.threshold)
+        except ValueError:
+            raise UserError(f"--threshold {args.threshold!r}: use calibrated, otsu or a number")
+    try:
+        dataset = maybe_convert_to_dataset_name(args.d)
+    except (RuntimeError, ValueError) as e:
+        raise UserError(str(e))
+    settings = PseudoLabelSettings(dataset=dataset, configuration=args.c, fold=str(args.f), trainer=args.tr,
+                                   plans=args.p, checkpoint=args.chk, crf=args.crf, crf_backend=args.crf_backend,
+                                   threshold=str(args.threshold), ignore_band=args.ignore_band,
+                                   map_kind=args.map_kind)
+    try:
+        make_pseudo_labels(dataset, args.o, settings, device=args.device, num_processes=args.np,
+                           num_parts=args.num_parts, part_id=args.part_id, overwrite=args.overwrite,
+                           qc_dir=args.qc)
+    except PseudoLabelError as e:
+        raise UserError(str(e))
+    return 0

@@ -1,0 +1,78 @@
+"""From a lesion probability map to a binary pseudo label.
+
+Three ways, all restricted to the regions (lesions outside the lungs do not exist):
+- `calibrated` (default): per region, the weak label sets the lesion volume. The map at 0.5 is kept where its
+  region fraction already lies inside the region's target interval; otherwise the k most probable voxels are
+  taken, k being the interval's nearest bound × the region's voxel count. A region with a 0 % target is empty.
+  This is the one place where the weak labels of the training cases are used again, and it removes the map's
+  calibration error (the regression only fits the mean, not the threshold).
+- `otsu`: Otsu's threshold over all region voxels (the authors' choice).
+- a fixed number, e.g. 0.5.
+An optional uncertainty band marks voxels whose probability is close to their region's effective threshold
+as nnU-Net's `ignore` label, so the final network is not trained on the least certain decisions.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from nnunetv2_dram.weak_labels.format import RegionTarget
+
+LESION, IGNORE = 1, 2
+
+
+def _top_k(p: np.ndarray, k: int) -> np.ndarray:
+    sel = np.zeros(p.shape, dtype=bool)
+    if k > 0:
+        # stable sort on -p: ties are broken by position, so the result is deterministic
+        order = np.argsort(-p, kind="stable")
+        sel[order[:k]] = True
+    return sel
+
+
+def threshold_region(p: np.ndarray, target: RegionTarget | None, default: float = 0.5) -> tuple[np.ndarray, float]:
+    """Binary selection of one region's voxels (1-D probabilities) and the effective threshold used."""
+    n = p.size
+    if n == 0:
+        return np.zeros(0, dtype=bool), default
+    sel = p > default
+    if target is None:
+        return sel, default
+    low, high = target.fraction_interval
+    frac = sel.mean()
+    if low <= frac <= high:
+        return sel, default
+    k = int(round(min(max(frac, low), high) * n))
+    sel = _top_k(p, k)
+    if k == 0:
+        return sel, 1.0
+    return sel, float(p[sel].min())
+
+
+def pseudo_label(prob: np.ndarray, regions: np.ndarray, method: str | float = "calibrated",
+                 targets: dict[int, RegionTarget] | None = None, ignore_band: float = 0.0) -> np.ndarray:
+    """uint8 label map (0 background, 1 lesion, 2 ignore) of the same shape as `prob`."""
+    targets = targets or {}
+    out = np.zeros(prob.shape, dtype=np.uint8)
+    labels = [int(r) for r in np.unique(regions) if r > 0]
+    if method == "otsu":
+        from skimage.filters import threshold_otsu
+        inside = prob[regions > 0]
+        fixed = float(threshold_otsu(inside)) if inside.size and inside.min() < inside.max() else 0.5
+    elif method == "calibrated":
+        fixed = None
+    else:
+        fixed = float(method)
+    for r in labels:
+        m = regions == r
+        p = prob[m]
+        if fixed is None:
+            sel, thr = threshold_region(p, targets.get(r))
+        else:
+            sel, thr = p > fixed, fixed
+        lab = sel.astype(np.uint8)
+        t = targets.get(r)
+        certain_empty = t is not None and t.high <= 0
+        if ignore_band > 0 and not certain_empty:
+            lab[np.abs(p - thr) < ignore_band] = IGNORE
+        out[m] = lab
+    return out

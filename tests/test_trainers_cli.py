@@ -1,0 +1,94 @@
+"""The real nnU-Net CLI trains the plugin's trainers on generated weak datasets (3d_fullres and 2d), writes
+checkpoints, continues with --c, and nnUNetv2_predict writes lesion masks with the trained model."""
+import json
+import re
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+SHORT = dict(NNUNETV2_DRAM_EPOCHS=1, NNUNETV2_DRAM_ITERATIONS=2, NNUNETV2_DRAM_VAL_ITERATIONS=1)
+
+
+def _train(ws, dataset, configuration, trainer, fold="0", *extra, check=True, **env):
+    return ws.run("nnUNetv2_train", dataset[7:10], configuration, fold, "-tr", trainer, "-p", "nnUNetPlans_quick",
+                  "-device", "cpu", *extra, check=check, **{**SHORT, **env})
+
+
+def _fold_dir(ws, dataset, trainer, configuration, fold="0"):
+    return ws.results / dataset / f"{trainer}__nnUNetPlans_quick__{configuration}" / f"fold_{fold}"
+
+
+def _epochs_in_log(fold_dir):
+    text = "".join(p.read_text() for p in sorted(fold_dir.glob("training_log_*.txt")))
+    return [int(e) for e in re.findall(r"Epoch (\d+)\n", text)], text
+
+
+def test_dram_trainer_3d_trains_continues_and_predicts(weak3d, tmp_path):
+    ws, dataset = weak3d
+    _train(ws, dataset, "3d_fullres", "DRAMTrainer")
+    fold = _fold_dir(ws, dataset, "DRAMTrainer", "3d_fullres")
+    assert (fold / "checkpoint_final.pth").is_file() and (fold / "progress.png").is_file()
+    epochs, log = _epochs_in_log(fold)
+    assert epochs == [0]
+    assert "Region-% MAE train" in log and "validation regions" in log
+    report = json.loads((fold / "validation" / "region_fractions.json").read_text())
+    assert report["n_regions"] > 0 and np.isfinite(report["mean_abs_error"])
+    # the model folder's dataset.json is the lesion label set nnUNetv2_predict will use
+    assert json.loads((fold.parent / "dataset.json").read_text())["labels"] == {"background": 0, "lesion": 1}
+
+    # --c continues from the checkpoint with a longer budget: only epoch 1 is trained
+    _train(ws, dataset, "3d_fullres", "DRAMTrainer", "0", "--c", NNUNETV2_DRAM_EPOCHS=2)
+    epochs, _ = _epochs_in_log(fold)
+    assert epochs == [0, 1]
+
+    # plain nnUNetv2_predict on whole images writes lesion masks (0/1) in the images' geometry
+    out = tmp_path / "pred"
+    images = ws.raw / dataset / "imagesTs"
+    ws.run("nnUNetv2_predict", "-i", images, "-o", out, "-d", dataset[7:10], "-c", "3d_fullres", "-f", "0",
+           "-tr", "DRAMTrainer", "-p", "nnUNetPlans_quick", "-device", "cpu", "--disable_tta", "--save_probabilities",
+           "-npp", 1, "-nps", 1)
+    for img in images.glob("*_0000.nii.gz"):
+        case = img.name[: -len("_0000.nii.gz")]
+        seg = sitk.ReadImage(str(out / f"{case}.nii.gz"))
+        ref = sitk.ReadImage(str(img))
+        assert seg.GetSize() == ref.GetSize() and np.allclose(seg.GetSpacing(), ref.GetSpacing())
+        assert set(np.unique(sitk.GetArrayFromImage(seg))) <= {0, 1}
+        probs = np.load(out / f"{case}.npz")["probabilities"]
+        assert probs.shape[0] == 2 and np.allclose(probs.sum(0), 1, atol=1e-3)
+
+
+@pytest.mark.parametrize("trainer", ["CAMTrainer", "DRAMTrainerNoRefine"])
+def test_other_trainers_3d(weak3d, trainer):
+    ws, dataset = weak3d
+    _train(ws, dataset, "3d_fullres", trainer, NNUNETV2_DRAM_SKIP_FINAL_VALIDATION=1)
+    fold = _fold_dir(ws, dataset, trainer, "3d_fullres")
+    assert (fold / "checkpoint_final.pth").is_file()
+    assert "Region-% MAE" in _epochs_in_log(fold)[1]
+
+
+@pytest.mark.parametrize("trainer", ["DRAMTrainer", "CAMTrainer"])
+def test_trainers_2d(weak2d, trainer):
+    ws, dataset = weak2d
+    _train(ws, dataset, "2d", trainer)
+    fold = _fold_dir(ws, dataset, trainer, "2d")
+    assert (fold / "checkpoint_final.pth").is_file()
+    _, log = _epochs_in_log(fold)
+    assert "CTSS accuracy" in log  # ctss targets: severity-band accuracy is logged
+    assert "Validation region-% MAE" in log
+
+
+def test_bad_weak_labels_stop_training_with_a_clear_message(weak3d, tmp_path):
+    ws, dataset = weak3d
+    path = ws.raw / dataset / "weak_labels.json"
+    original = path.read_bytes()
+    try:
+        weak = json.loads(original)
+        case = sorted(weak["cases"])[0]
+        weak["cases"][case]["9"] = 5.0  # a region the dataset does not have
+        path.write_text(json.dumps(weak))
+        proc = _train(ws, dataset, "3d_fullres", "DRAMTrainerNoRefine", "1", check=False)
+    finally:
+        path.write_bytes(original)
+    assert proc.returncode != 0
+    assert f"case '{case}' region 9" in proc.stdout + proc.stderr
