@@ -1,0 +1,148 @@
+"""LocalAffinityAttention: shapes, gradients, near-identity start, feature-edge respect, borders, downsampling."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from nnunetv2_dram.building_blocks.local_attention import LocalAffinityAttention, neighbourhood_offsets
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny tensors gain nothing from threads, and on a shared 2-core machine OpenMP spinning makes them crawl."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dim,shape", [(2, (12, 14)), (3, (6, 8, 7))])
+@pytest.mark.parametrize("similarity", ["distance", "relu_dot"])
+def test_shapes_finite_and_gradients_reach_map_and_every_parameter(dim, shape, similarity):
+    torch.manual_seed(0)
+    module = LocalAffinityAttention(in_channels=5, dim=dim, similarity=similarity, dilations=(1, 2), iterations=2)
+    logits = torch.randn(2, 1, *shape, requires_grad=True)
+    features = torch.randn(2, 5, *shape, requires_grad=True)
+    refined = module(logits, features)
+    assert refined.shape == logits.shape and torch.isfinite(refined).all()
+    (refined * torch.randn_like(refined)).sum().backward()
+    assert logits.grad.abs().sum() > 0 and features.grad.abs().sum() > 0
+    for name, parameter in module.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+def test_neighbourhoods():
+    assert len(neighbourhood_offsets(3, 3, (1,))) == 27
+    assert len(neighbourhood_offsets(2, 3, (1, 2))) == 17  # self + 8 + 8
+    assert neighbourhood_offsets(3, 3, (1, 2))[0] == (0, 0, 0)
+    assert len(neighbourhood_offsets(2, 1, (1,))) == 1
+
+
+@pytest.mark.parametrize("dim,shape", [(2, (32, 32)), (3, (10, 16, 16))])
+def test_starts_close_to_identity_on_a_smooth_map(dim, shape):
+    torch.manual_seed(1)
+    grids = torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in shape], indexing="ij")
+    smooth = 4.0 * torch.sin(2 * math.pi * grids[-1] / 32) * torch.cos(2 * math.pi * grids[-2] / 40)
+    logits = smooth[None, None]
+    features = torch.randn(1, 8, *shape)
+    module = LocalAffinityAttention(in_channels=8, dim=dim)
+    with torch.no_grad():
+        refined = module(logits, features)
+    change = (refined - logits).abs()
+    # the map varies along the last two axes only; a diagonal neighbour differs by at most both steps
+    neighbour_step = smooth.diff(dim=-1).abs().max() + smooth.diff(dim=-2).abs().max()
+    # a convex combination of neighbours blended half with the identity moves at most half a neighbour step
+    assert change.max() <= 0.5 * neighbour_step + 1e-5
+    assert change.mean() < 0.05 * (smooth.max() - smooth.min())
+
+
+@pytest.mark.parametrize("dim,shape", [(2, (16, 16)), (3, (6, 12, 12))])
+def test_affinity_respects_a_feature_edge(dim, shape):
+    torch.manual_seed(2)
+    features = torch.zeros(1, 4, *shape)
+    half = shape[-1] // 2
+    features[:, 0, ..., :half] = 2.0
+    features[:, 1, ..., half:] = 2.0
+    features += 0.01 * torch.randn_like(features)
+    logits = torch.zeros(1, 1, *shape)
+    logits[..., half - 1] = 6.0  # a line of lesion just left of the feature edge
+    module = LocalAffinityAttention(in_channels=4, dim=dim, iterations=3)
+    with torch.no_grad():
+        refined = module(logits, features)
+        weights = module.affinities(features)
+    same_side = refined[..., half - 2]   # one voxel away, same features
+    other_side = refined[..., half]      # one voxel away, across the edge
+    assert torch.all(same_side > 2.0 * other_side)
+    # weight of the neighbour across the edge is below that of the same-side neighbour for the edge voxels
+    across = module.offsets.index((0,) * (dim - 1) + (1,))
+    back = module.offsets.index((0,) * (dim - 1) + (-1,))
+    assert torch.all(weights[:, across, ..., half - 1] < weights[:, back, ..., half - 1])
+
+
+@pytest.mark.parametrize("dim,shape", [(2, (9, 11)), (3, (5, 6, 7))])
+def test_padding_neighbours_get_no_weight(dim, shape):
+    torch.manual_seed(3)
+    module = LocalAffinityAttention(in_channels=3, dim=dim, dilations=(1, 3), iterations=3)
+    features = torch.randn(1, 3, *shape)
+    constant = torch.full((1, 1, *shape), -2.5)
+    with torch.no_grad():
+        refined = module(constant, features)
+        weights = module.affinities(features)
+    assert torch.allclose(refined, constant, atol=1e-5)
+    assert torch.allclose(weights.sum(1), torch.ones(1, *shape), atol=1e-5)
+    corner_index = (0, slice(None)) + (0,) * dim
+    for k, offset in enumerate(module.offsets):
+        if any(o < 0 for o in offset):
+            assert weights[corner_index][k] == 0
+
+
+@pytest.mark.parametrize("dim,shape", [(2, (17, 20)), (3, (9, 10, 11))])
+def test_downsampled_refinement_keeps_fine_detail(dim, shape):
+    torch.manual_seed(4)
+    module = LocalAffinityAttention(in_channels=2, dim=dim, downsample=2)
+    logits = torch.randn(1, 1, *shape, requires_grad=True)
+    features = torch.randn(1, 2, *shape)
+    refined = module(logits, features)
+    assert refined.shape == logits.shape and torch.isfinite(refined).all()
+    refined.sum().backward()
+    assert logits.grad.abs().sum() > 0 and module.theta.weight.grad.abs().sum() > 0
+    # the residual is smooth (upsampled from the coarse grid): the input's voxel-level detail survives
+    with torch.no_grad():
+        checker = torch.zeros(1, 1, *shape)
+        checker[(0, 0) + tuple(slice(None, None, 2) for _ in range(dim))] = 1.0
+        out = module(checker, features)
+        direct = LocalAffinityAttention(in_channels=2, dim=dim, downsample=1)
+        direct.load_state_dict(module.state_dict())
+        smoothed = direct(checker, features)
+    high_frequency = lambda x: (x - x.mean()).abs().mean()
+    assert high_frequency(out - 0.0) > 0.9 * high_frequency(checker)
+    assert high_frequency(out) > high_frequency(smoothed)
+
+
+def test_bad_inputs_are_rejected():
+    module = LocalAffinityAttention(in_channels=4, dim=3)
+    with pytest.raises(ValueError, match="features must be"):
+        module(torch.zeros(1, 1, 4, 4, 4), torch.zeros(1, 3, 4, 4, 4))
+    with pytest.raises(ValueError, match="logits must be"):
+        module(torch.zeros(1, 2, 4, 4, 4), torch.zeros(1, 4, 4, 4, 4))
+    with pytest.raises(ValueError, match="kernel_size"):
+        LocalAffinityAttention(in_channels=4, dim=3, kernel_size=2)
+    with pytest.raises(ValueError, match="similarity"):
+        LocalAffinityAttention(in_channels=4, dim=3, similarity="cosine")
+
+
+def test_usable_under_autocast():
+    """bf16 autocast on the CPU stands in for fp16 on CUDA: projections run in low precision, the softmax and
+    the propagation in float32."""
+    torch.manual_seed(5)
+    module = LocalAffinityAttention(in_channels=4, dim=3, iterations=2)
+    logits = torch.randn(1, 1, 6, 8, 8, requires_grad=True)
+    features = torch.randn(1, 4, 6, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = module(logits, features)
+    assert low.dtype == torch.float32 and torch.isfinite(low).all()
+    low.sum().backward()
+    assert torch.isfinite(logits.grad).all()
+    assert (low - module(logits, features)).abs().max() < 0.05
