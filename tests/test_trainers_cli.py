@@ -21,7 +21,7 @@ def _fold_dir(ws, dataset, trainer, configuration, fold="0"):
 
 def _epochs_in_log(fold_dir):
     text = "".join(p.read_text() for p in sorted(fold_dir.glob("training_log_*.txt")))
-    return [int(e) for e in re.findall(r"Epoch (\d+)\n", text)], text
+    return [int(e) for e in re.findall(r": Epoch (\d+) *\n", text)], text
 
 
 def test_dram_trainer_3d_trains_continues_and_predicts(weak3d, tmp_path):

@@ -150,8 +150,8 @@ def build_weak_dataset(ct_folder: str | os.PathLike, regions_folder: str | os.Pa
                                             hint="export nnUNet_raw=/path/to/nnUNet_raw")], title="no output folder")
     raw_root = Path(raw_root)
     problems: list[Problem] = []
-    if not isinstance(dataset_id, int) or isinstance(dataset_id, bool) or not 1 <= dataset_id <= 9999:
-        problems.append(Problem(f"dataset id {dataset_id!r} must be an integer 1..9999"))
+    if not isinstance(dataset_id, int) or isinstance(dataset_id, bool) or not 1 <= dataset_id <= 999:
+        problems.append(Problem(f"dataset id {dataset_id!r} must be an integer 1..999 (nnU-Net ids have three digits)"))
     if not _DATASET_NAME.match(str(name)):
         problems.append(Problem(f"dataset name {name!r} may hold only letters, digits, '_' and '-'"))
     if file_ending not in FILE_ENDINGS:

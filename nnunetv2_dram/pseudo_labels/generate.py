@@ -65,6 +65,8 @@ def prepare_output_dir(source: str, new_id: int, settings: PseudoLabelSettings, 
     """The output folder, created or resumed; raises PseudoLabelError when that would clobber something."""
     from nnunetv2.paths import nnUNet_raw
     raw = Path(nnUNet_raw.require())
+    if not 1 <= int(new_id) <= 999:
+        raise PseudoLabelError(f"-o {new_id}: nnU-Net dataset ids have three digits (1..999)")
     if int(source[7:10]) == int(new_id):
         raise PseudoLabelError(f"-o {new_id} is the source dataset's own id; choose a new dataset id")
     out = raw / pseudo_dataset_name(source, new_id)

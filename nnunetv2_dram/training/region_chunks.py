@@ -5,8 +5,9 @@ the region's bounding box plus a margin (in mm), cut from nnU-Net's preprocessed
 chunk (the configuration's patch size: nnU-Net planned it to fit the GPU with this network, and it follows the
 data's aspect). Fitting uses one zoom factor for all axes, so the region keeps its physical shape; the zoom only
 ever shrinks (a region that already fits is left at its native resolution, which makes whole-image inference
-at the same resolution comparable). Voxels outside the region are set to the chunk's lowest intensity, the
-authors' choice (they set them to the pad value); the region mask travels with the chunk as the target.
+at the same resolution comparable). Voxels outside the region can be set to the chunk's lowest intensity (the
+authors' choice: they set them to the pad value) or left visible (our default, see weak_trainer.py); either way
+the region mask travels with the chunk as the target and decides what is pooled.
 
 Geometric augmentation happens here, where it can be kept safe: a random extra shrink, a random position
 inside the chunk and mirroring never push part of the region out of view. Rotations are not used for that
