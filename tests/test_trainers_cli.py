@@ -26,8 +26,9 @@ def _epochs_in_log(fold_dir):
 
 def test_dram_trainer_3d_trains_continues_and_predicts(weak3d, tmp_path):
     ws, dataset = weak3d
-    _train(ws, dataset, "3d_fullres", "DRAMTrainer")
-    fold = _fold_dir(ws, dataset, "DRAMTrainer", "3d_fullres")
+    # fold 1: other tests train DRAMTrainer on fold 0 and fold all of the same session workspace
+    _train(ws, dataset, "3d_fullres", "DRAMTrainer", "1")
+    fold = _fold_dir(ws, dataset, "DRAMTrainer", "3d_fullres", "1")
     assert (fold / "checkpoint_final.pth").is_file() and (fold / "progress.png").is_file()
     epochs, log = _epochs_in_log(fold)
     assert epochs == [0]
@@ -38,14 +39,14 @@ def test_dram_trainer_3d_trains_continues_and_predicts(weak3d, tmp_path):
     assert json.loads((fold.parent / "dataset.json").read_text())["labels"] == {"background": 0, "lesion": 1}
 
     # --c continues from the checkpoint with a longer budget: only epoch 1 is trained
-    _train(ws, dataset, "3d_fullres", "DRAMTrainer", "0", "--c", NNUNETV2_DRAM_EPOCHS=2)
+    _train(ws, dataset, "3d_fullres", "DRAMTrainer", "1", "--c", NNUNETV2_DRAM_EPOCHS=2)
     epochs, _ = _epochs_in_log(fold)
     assert epochs == [0, 1]
 
     # plain nnUNetv2_predict on whole images writes lesion masks (0/1) in the images' geometry
     out = tmp_path / "pred"
     images = ws.raw / dataset / "imagesTs"
-    ws.run("nnUNetv2_predict", "-i", images, "-o", out, "-d", dataset[7:10], "-c", "3d_fullres", "-f", "0",
+    ws.run("nnUNetv2_predict", "-i", images, "-o", out, "-d", dataset[7:10], "-c", "3d_fullres", "-f", "1",
            "-tr", "DRAMTrainer", "-p", "nnUNetPlans_quick", "-device", "cpu", "--disable_tta", "--save_probabilities",
            "-npp", 1, "-nps", 1)
     for img in images.glob("*_0000.nii.gz"):

@@ -13,21 +13,28 @@ class CommandFailed(RuntimeError):
     pass
 
 
-def find_program(name: str) -> str:
-    """The console script of the Python environment we run in (a venv's bin/), else whatever PATH offers."""
+def program_command(name: str) -> list[str]:
+    """How to start a console script: the one next to our interpreter (a venv's bin/), else on PATH, else its
+    entry point through this interpreter (installations without console scripts, e.g. `pip install --target`)."""
     here = Path(sys.executable).parent / name
     if here.exists():
-        return str(here)
+        return [str(here)]
     found = shutil.which(name)
-    if not found:
+    if found:
+        return [found]
+    from importlib.metadata import entry_points
+    eps = [ep for ep in entry_points(group="console_scripts") if ep.name == name]
+    if not eps:
         raise CommandFailed(f"'{name}' not found: is nnunetv2 installed in this environment ({sys.executable})?")
-    return found
+    module, _, func = eps[0].value.partition(":")
+    return [sys.executable, "-c", f"import sys; sys.argv[0] = {name!r}; from {module} import {func} as f; "
+                                  f"sys.exit(f())"]
 
 
 def run_nnunet(name: str, *args, env: dict | None = None, log_file: str | os.PathLike | None = None,
                quiet: bool = False) -> float:
     """Run an nnU-Net program; returns seconds taken. Output goes to the console and/or `log_file`."""
-    cmd = [find_program(name), *[str(a) for a in args]]
+    cmd = [*program_command(name), *[str(a) for a in args]]
     full_env = dict(os.environ)
     full_env.update({k: str(v) for k, v in (env or {}).items()})
     full_env.setdefault("PYTHONUNBUFFERED", "1")  # progress reaches the log as it happens

@@ -12,6 +12,7 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunetv2_dram.training.budget import apply_training_budget
+from nnunetv2_dram.training.gpu_memory import log_peak_gpu_memory
 
 
 class nnUNetTrainerBudget(nnUNetTrainer):
@@ -19,6 +20,10 @@ class nnUNetTrainerBudget(nnUNetTrainer):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         apply_training_budget(self)
+
+    def on_epoch_end(self):
+        log_peak_gpu_memory(self)
+        super().on_epoch_end()
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         if os.environ.get("NNUNETV2_DRAM_SKIP_FINAL_VALIDATION", "0") in ("1", "true", "True"):

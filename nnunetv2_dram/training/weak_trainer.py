@@ -29,6 +29,7 @@ from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2_dram.losses.interval_regression import interval_distance
 from nnunetv2_dram.training.budget import apply_training_budget
 from nnunetv2_dram.training.chunk_loader import RegionChunkLoader
+from nnunetv2_dram.training.gpu_memory import log_peak_gpu_memory
 from nnunetv2_dram.training.region_chunks import (ChunkSpec, balanced_probabilities, build_region_samples,
                                                   index_regions)
 from nnunetv2_dram.training.region_logger import RegionLogger
@@ -274,6 +275,7 @@ class WeakRegressionTrainer(nnUNetTrainer):
         self.print_to_log_file(f"Region-% MAE train {get('train_region_mae'):.2f}, val {get('val_region_mae'):.2f} "
                                f"(percentage points)" + (f", val CTSS accuracy {acc:.3f}" if np.isfinite(acc) else ""))
         self.print_to_log_file(f"Epoch time: {np.round(get('epoch_end_timestamps') - get('epoch_start_timestamps'), 2)} s")
+        log_peak_gpu_memory(self)
         if (self.current_epoch + 1) % self.save_every == 0 and self.current_epoch != (self.num_epochs - 1):
             self.save_checkpoint(join(self.output_folder, "checkpoint_latest.pth"))
         ema = get("ema_val_region_mae")
