@@ -9,6 +9,16 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny tensors gain nothing from threads, and on a shared 2-core machine OpenMP spinning makes them crawl."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def nnunet_env(tmp_path, monkeypatch):
     """nnUNet_raw/_preprocessed/_results under tmp_path, our trainers on nnUNet_extTrainer, 2 worker processes."""

@@ -37,15 +37,6 @@ needs_pydensecrf = pytest.mark.skipif(importlib.util.find_spec("pydensecrf") is 
                                       reason='pydensecrf not installed (pip install "nnunetv2_dram[crf]")')
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors gain nothing from threads, and on a shared 2-core machine OpenMP spinning makes them crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @needs_pydensecrf
 @pytest.mark.parametrize("shape,spacing", [((48, 48), (1.0, 1.0)), ((16, 32, 32), (2.0, 1.0, 1.0))])
 def test_pydensecrf_cleans_a_noisy_blob(shape, spacing):

@@ -9,15 +9,6 @@ from nnunetv2_dram.building_blocks.dense_crf import (OUTSIDE_MASK_LOGIT, Trainab
                                                      psd_gaussian_taps)
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors gain nothing from threads, and on a shared 2-core machine OpenMP spinning makes them crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _blob_case(shape, seed, noise=1.5, radius2=0.35):
     """A sphere/disc lesion: a clean guide image and noisy unary logits."""
     generator = torch.Generator().manual_seed(seed)

@@ -9,15 +9,6 @@ import torch
 from nnunetv2_dram.building_blocks.local_attention import LocalAffinityAttention, neighbourhood_offsets
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors gain nothing from threads, and on a shared 2-core machine OpenMP spinning makes them crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("dim,shape", [(2, (12, 14)), (3, (6, 8, 7))])
 @pytest.mark.parametrize("similarity", ["distance", "relu_dot"])
 def test_shapes_finite_and_gradients_reach_map_and_every_parameter(dim, shape, similarity):
