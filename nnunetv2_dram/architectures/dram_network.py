@@ -30,8 +30,9 @@ class DenseRegressionNetwork(nn.Module):
 
     def __init__(self, backbone: nn.Module, dim: int, spacing: Sequence[float], image_channels: int,
                  low_level_channels: int | None, refine: bool = True, attention_kwargs: dict | None = None,
-                 crf_kwargs: dict | None = None):
+                 crf_kwargs: dict | None = None, refine_downsample: int = 1):
         super().__init__()
+        self.refine_downsample = int(refine_downsample)
         self.backbone = backbone
         self.dim = dim
         self.refine = refine
@@ -57,6 +58,27 @@ class DenseRegressionNetwork(nn.Module):
         skips = enc(x)
         return dec(skips), skips[0]
 
+    def _refine(self, dram, feats, guide, spacing):
+        """Attention then CRF; with refine_downsample > 1 both run on an average-pooled grid (that many times fewer
+        voxels per axis) and only their correction is upsampled onto the full-resolution map, so the map keeps
+        its own detail while the refinement costs a fraction."""
+        k = self.refine_downsample
+        if k <= 1:
+            attended = self.attention(dram, feats)
+            return attended, self.crf(attended, guide, spacing)
+        mode = "trilinear" if dram.ndim == 5 else "bilinear"
+        size = dram.shape[2:]
+        small = [max(1, s // k) for s in size]
+        down = lambda t: F.adaptive_avg_pool3d(t, small) if t.ndim == 5 else F.adaptive_avg_pool2d(t, small)  # noqa: E731
+        up = lambda t: F.interpolate(t, size=size, mode=mode, align_corners=False)  # noqa: E731
+        d_low = down(dram)
+        spacing_low = spacing * torch.tensor([s / m for s, m in zip(size, small)], device=spacing.device,
+                                             dtype=spacing.dtype) if torch.is_tensor(spacing) else \
+            [sp * s / m for sp, s, m in zip(spacing, size, small)]
+        att_low = self.attention(d_low, down(feats))
+        ref_low = self.crf(att_low, down(guide), spacing_low)
+        return dram + up(att_low - d_low), dram + up(ref_low - d_low)
+
     def forward(self, x: torch.Tensor, return_all: bool = False, spacing=None):
         out, low = self._backbone(x)
         outs = list(out) if isinstance(out, (list, tuple)) else [out]
@@ -65,8 +87,7 @@ class DenseRegressionNetwork(nn.Module):
         if self.refine:
             # the attention only reads the backbone's features: it must not reshape them to suit itself
             feats = x if low is None else torch.cat([x, low.detach().to(x.dtype)], dim=1)
-            attended = self.attention(dram, feats)
-            refined = self.crf(attended, x[:, :1], self.spacing if spacing is None else spacing)
+            attended, refined = self._refine(dram, feats, x[:, :1], self.spacing if spacing is None else spacing)
         if return_all:
             return {"dram": outs, "attended": attended, "refined": refined}
         final = refined if (refined is not None and self.output_map == "refined") else dram

@@ -20,6 +20,7 @@ class DRAMTrainer(WeakRegressionTrainer):
     refine = True
     attention_kwargs: dict = {}
     crf_kwargs: dict = {}
+    refine_downsample = 1  # >1: attention and CRF on a coarser grid (speed), correction upsampled
     refined_loss_weight = 1.0
     self_training_weight = 0.5
     self_training_warmup = 0.1  # share of the epochs over which the self-training weight ramps up from 0
@@ -37,7 +38,8 @@ class DRAMTrainer(WeakRegressionTrainer):
         fps = features_per_stage(configuration_manager)
         return DenseRegressionNetwork(backbone, len(configuration_manager.patch_size), configuration_manager.spacing,
                                       num_input_channels, fps[0] if fps else None, refine=cls.refine,
-                                      attention_kwargs=cls.attention_kwargs, crf_kwargs=cls.crf_kwargs)
+                                      attention_kwargs=cls.attention_kwargs, crf_kwargs=cls.crf_kwargs,
+                                      refine_downsample=cls.refine_downsample)
 
     def compute_loss(self, outputs: dict, mask: torch.Tensor, interval: torch.Tensor):
         drams = outputs["dram"]
