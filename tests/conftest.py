@@ -1,7 +1,9 @@
 """Shared fixtures: a private nnU-Net workspace per test, so tests never touch a user's folders."""
 from __future__ import annotations
 
+import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -99,3 +101,17 @@ def weak2d(tmp_path_factory):
     """(workspace, dataset name): 2-D (one slice per case, left/right lung) synthetic data, CTSS targets."""
     return make_workspace(tmp_path_factory.mktemp("ws2d"), 702, mode="2d", n_train=8, n_test=2,
                           shape=(1, 96, 96), target="ctss", configuration="2d")
+
+
+@contextmanager
+def edited_weak_labels(ws: Workspace, dataset: str, edit):
+    """Temporarily change a dataset's weak_labels.json (edit(cases) -> the case it broke); restored afterwards."""
+    path = ws.raw / dataset / "weak_labels.json"
+    original = path.read_bytes()
+    try:
+        weak = json.loads(original)
+        case = edit(weak["cases"])
+        path.write_text(json.dumps(weak))
+        yield case
+    finally:
+        path.write_bytes(original)

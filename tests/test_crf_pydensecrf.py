@@ -6,7 +6,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from nnunetv2_dram.inference.crf_refine import refine_probability
 from nnunetv2_dram.inference.dense_crf_cpu import dense_crf_pydensecrf

@@ -4,6 +4,8 @@ import json
 import numpy as np
 import SimpleITK as sitk
 
+from conftest import edited_weak_labels
+
 
 def test_pipeline_end_to_end_and_resume(weak3d, tmp_path):
     ws, dataset = weak3d
@@ -33,17 +35,15 @@ def test_pipeline_end_to_end_and_resume(weak3d, tmp_path):
 
 def test_pipeline_refuses_a_broken_dataset_before_any_work(weak3d):
     ws, dataset = weak3d
-    path = ws.raw / dataset / "weak_labels.json"
-    original = path.read_bytes()
-    try:
-        weak = json.loads(original)
-        case = sorted(weak["cases"])[0]
-        weak["cases"][case]["1"] = 140  # out of range
-        path.write_text(json.dumps(weak))
+
+    def out_of_range(cases):
+        case = sorted(cases)[0]
+        cases[case]["1"] = 140
+        return case
+
+    with edited_weak_labels(ws, dataset, out_of_range) as case:
         proc = ws.run("nnunetv2_dram", "pipeline", "-d", dataset[7:10], "-o", 722, "--preset", "quick",
                       "-device", "cpu", check=False)
-    finally:
-        path.write_bytes(original)
     assert proc.returncode == 1
     assert f"case '{case}' region 1" in proc.stderr and "out of range" in proc.stderr
     assert "Traceback" not in proc.stderr

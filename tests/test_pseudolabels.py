@@ -1,7 +1,6 @@
 """`nnunetv2_dram pseudolabels`: a standard nnU-Net dataset, safe to rerun, never touching the source."""
 import hashlib
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from conftest import edited_weak_labels
+
 SHORT = dict(NNUNETV2_DRAM_EPOCHS=1, NNUNETV2_DRAM_ITERATIONS=2, NNUNETV2_DRAM_VAL_ITERATIONS=1)
 
 
@@ -81,15 +83,13 @@ def test_trainers_2d(weak2d, trainer):
 
 def test_bad_weak_labels_stop_training_with_a_clear_message(weak3d, tmp_path):
     ws, dataset = weak3d
-    path = ws.raw / dataset / "weak_labels.json"
-    original = path.read_bytes()
-    try:
-        weak = json.loads(original)
-        case = sorted(weak["cases"])[0]
-        weak["cases"][case]["9"] = 5.0  # a region the dataset does not have
-        path.write_text(json.dumps(weak))
+
+    def add_unknown_region(cases):
+        case = sorted(cases)[0]
+        cases[case]["9"] = 5.0  # a region the dataset does not have
+        return case
+
+    with edited_weak_labels(ws, dataset, add_unknown_region) as case:
         proc = _train(ws, dataset, "3d_fullres", "DRAMTrainerNoRefine", "1", check=False)
-    finally:
-        path.write_bytes(original)
     assert proc.returncode != 0
     assert f"case '{case}' region 9" in proc.stdout + proc.stderr

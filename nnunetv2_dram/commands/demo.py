@@ -19,7 +19,6 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    import json
     import os
     import time
     from pathlib import Path

@@ -14,9 +14,6 @@ import torch
 from nnunetv2_dram.building_blocks.region_pooling import region_mean
 from nnunetv2_dram.training.region_chunks import ChunkSpec, RegionSample, extract_chunk, paste_chunk
 
-MAP_KINDS = ("final", "dram", "refined", "cam")
-
-
 def lesion_logits(network, x: torch.Tensor, kind: str = "final") -> torch.Tensor:
     """Full-resolution single-channel lesion logits of a DenseRegressionNetwork or ClassActivationNetwork."""
     out = network(x, return_all=True)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 import shutil
 from dataclasses import dataclass, asdict, field
 from pathlib import Path

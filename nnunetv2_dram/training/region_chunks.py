@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -38,10 +38,6 @@ class RegionSample:
     voxels: int
     interval: tuple  # (low, high) lesion fraction; (nan, nan) when the region has no weak target
     bin: int  # severity bin used to balance sampling
-
-    @property
-    def has_target(self) -> bool:
-        return not math.isnan(self.interval[0])
 
 
 def region_bboxes(seg: np.ndarray) -> dict[int, tuple[tuple, int]]:
@@ -151,9 +147,6 @@ class ChunkPlacement:
     resized_shape: tuple
     offset: tuple
     flips: tuple = ()
-
-    def to_json(self):
-        return asdict(self)
 
 
 def _crop_box(bbox, margin, shape):

@@ -16,13 +16,12 @@ import numpy as np
 import torch
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
-from batchgenerators.utilities.file_and_folder_operations import join, isfile, load_json, maybe_mkdir_p, save_json
+from batchgenerators.utilities.file_and_folder_operations import join, isfile, maybe_mkdir_p, save_json
 from torch import autocast
 from torch import distributed as dist
 from torch._dynamo import OptimizedModule
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.helpers import dummy_context
 
@@ -33,7 +32,7 @@ from nnunetv2_dram.training.gpu_memory import log_peak_gpu_memory
 from nnunetv2_dram.training.region_chunks import (ChunkSpec, balanced_probabilities, build_region_samples,
                                                   index_regions)
 from nnunetv2_dram.training.region_logger import RegionLogger
-from nnunetv2_dram.weak_labels.format import FILENAME as WEAK_LABELS_FILE, CTSS_BANDS, WeakLabels, read_weak_labels
+from nnunetv2_dram.weak_labels.format import FILENAME as WEAK_LABELS_FILE, WeakLabels, percent_to_ctss, read_weak_labels
 from nnunetv2_dram.weak_labels.problems import Problem, WeakDatasetError
 
 LESION_LABELS = {"background": 0, "lesion": 1}
@@ -243,7 +242,6 @@ class WeakRegressionTrainer(nnUNetTrainer):
         loss, pred, err = self._forward_loss(batch)
         bins = batch["bin"].numpy()
         pred_pct = pred.cpu().numpy() * 100
-        from nnunetv2_dram.weak_labels.format import percent_to_ctss
         hit = np.array([float(percent_to_ctss(p) == b) for p, b in zip(pred_pct, bins)])
         return {"loss": loss.detach().cpu().numpy(), "abs_err": err.cpu().numpy(), "bin_hit": hit}
 
