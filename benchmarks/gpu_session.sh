@@ -2,41 +2,100 @@
 # The GPU benchmark as ONE device call (the device tool lends an H100/H200 for 15 minutes per session).
 #
 # Here, once:   bash ../shared/device/prepare-site.sh          (packs nnU-Net & co. into .whl/, git-ignored)
-# Device call:  run(command="bash benchmarks/gpu_session.sh small", carry=[".whl"], timeout_s=540)
-#   small  (~7 min): iteration speed of all trainers on nnU-Net's full plans (96x192x192 synthetic CTs),
-#                    torch CRF on the GPU for a 300x512x512 CT, a short DRAM-vs-CAM quality run
-#   speed  (~4 min): only the two speed tables
-# Results: $OUT/*.json and $OUT/*.txt (copied back by the device tool).
-set -euo pipefail
-size=${1:-small}
+#               /root/.pyenv/versions/3.12.1/bin/python -m pip wheel pydensecrf2==1.1 -w .whl/   (optional, 49 s)
+# Device call:  run(command="bash benchmarks/gpu_session.sh speed", carry=[".whl"], timeout_s=580)
+#   speed   (~8 min): 1. time per iteration of all trainers on nnU-Net's full plans (96x192x192 synthetic CTs):
+#                        the nnUNetv2_train loop and the train step alone (iteration_speed.py --mode both)
+#                     2. dense CRF on a 300x512x512 CT: torch CRF on the GPU vs pydensecrf on that machine's CPU
+#                     3. pseudo-label throughput (cases/minute) of the DRAMTrainer model from 1, GPU vs CPU
+#   small   (a second call): speed, then a short DRAM-vs-CAM-vs-fully-supervised quality run
+#   compile (a second call): also DRAMTrainer under torch.compile (nnUNet_compile=t; off by default for our
+#            trainers since it had not finished 3 short epochs in 170 s on an H200, 2026-11-26)
+#   dry     (here, CPU, ~6 min): every step at toy size, to check the script before spending device time
+# A step is skipped when fewer seconds than it needs remain of DEADLINE_S (default 520), so the call ends with
+# results inside the device tool's limit. Results: $OUT/*.json, $OUT/*.txt.
+# Measured with this script: docs/benchmarks.md (H200, 2026-11-26).
+set -uo pipefail
+size=${1:-speed}
 OUT=${OUT:-/tmp/gpu_out}
-mkdir -p "$OUT" /tmp/site
-tar -xJf .whl/nnunet-site.tar.xz -C /tmp/site
-export PYTHONPATH=/tmp/site:$PWD
-export nnUNet_n_proc_DA=${nnUNet_n_proc_DA:-8} nnUNet_def_n_proc=8
-ws=/tmp/dram_bench
-python3 -c "import torch, nnunetv2; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee "$OUT/device.txt"
-
-# 1. time per training iteration, nnU-Net's own plans, side by side (epoch 0 = compile/warm-up is dropped)
-nnUNet_compile=${nnUNet_compile:-f} python3 benchmarks/iteration_speed.py --device cuda --plans full \
-  --shape 96 192 192 --cases 8 --epochs 3 --iterations 40 --workspace "$ws" --json "$OUT/iteration_speed.json" \
-  2>&1 | tail -12 | tee "$OUT/iteration_speed.txt"
-
-# 2. CRF seconds for a full-size CT: torch CRF on the GPU vs pydensecrf on this machine's CPU, side by side.
-#    pydensecrf is not in nnU-Net's site archive; build its Python-3.12 wheel here once (49 s):
-#      /root/.pyenv/versions/3.12.1/bin/python -m pip wheel pydensecrf2==1.1 -w .whl/
-skip="torch-cpu"
-if ls .whl/pydensecrf2-*cp312*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-deps --no-index --target /tmp/site .whl/pydensecrf2-*cp312*.whl
+DEADLINE_S=${DEADLINE_S:-520}
+start=$(date +%s)
+mkdir -p "$OUT"
+if ! python3 -c "import nnunetv2" 2>/dev/null; then  # the device machine: nnU-Net comes from the packed site
+  mkdir -p /tmp/site
+  tar -xJf .whl/nnunet-site.tar.xz -C /tmp/site
+  export PYTHONPATH=/tmp/site:$PWD
+  if ls .whl/pydensecrf2-*cp312*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-deps --no-index --target /tmp/site .whl/pydensecrf2-*cp312*.whl
+  fi
 else
-  skip="$skip pydensecrf-cpu"
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
-python3 benchmarks/crf_speed.py --size 300 512 512 --skip $skip --json "$OUT/crf_speed.json" \
-  2>&1 | tail -8 | tee "$OUT/crf_speed.txt"
+if [ "$size" = "dry" ]; then
+  device=cpu; shape="32 64 64"; plans=quick; cases=6; its=4; crf_size="24 48 48"; ws=/tmp/dram_bench_dry
+  export nnUNet_n_proc_DA=${nnUNet_n_proc_DA:-1} nnUNet_def_n_proc=2
+else
+  device=cuda; shape="96 192 192"; plans=full; cases=8; its=20; crf_size="300 512 512"; ws=/tmp/dram_bench
+  export nnUNet_n_proc_DA=${nnUNet_n_proc_DA:-8} nnUNet_def_n_proc=8
+fi
+left() { echo $(( DEADLINE_S - ($(date +%s) - start) )); }
+step() {  # step NAME SECONDS_NEEDED: true when there is time for it
+  local l; l=$(left)
+  if [ "$l" -lt "$2" ]; then echo "SKIPPED $1: ${l} s left, needs ~$2 s" | tee -a "$OUT/skipped.txt"; return 1; fi
+  echo "== $1 ($(( $(date +%s) - start )) s in, ${l} s left)"
+}
+python3 -c "import torch, nnunetv2, platform; print('torch', torch.__version__, '| python', platform.python_version(),
+'|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda', '|', __import__('os').cpu_count(), 'cpus')" \
+  | tee "$OUT/device.txt"
 
-if [ "$size" = "small" ]; then
-  # 3. a short quality run: DRAM vs CAM vs fully supervised on held-out synthetic CTs
-  python3 benchmarks/quality.py --device cuda --preset quick --train 16 --test 6 --shape 48 128 128 \
-    --epochs 10 --iterations 50 --workspace "$ws" --json "$OUT/quality.json" 2>&1 | tail -25 \
-    | tee "$OUT/quality.txt"
+# 1. time per training iteration, side by side (epoch 0 = start-up/cudnn autotuning is dropped; no compile here)
+step "iteration speed" 0 && nnUNet_compile=f python3 benchmarks/iteration_speed.py --device $device --plans $plans \
+  --shape $shape --cases $cases --epochs 3 --iterations $its --mode both --steps 20 --workspace "$ws" \
+  --json "$OUT/iteration_speed.json" > "$OUT/iteration_speed.log" 2>&1
+tail -9 "$OUT/iteration_speed.log" | tee "$OUT/iteration_speed.txt"
+
+# 2. dense CRF seconds for one volume: pydensecrf on the CPU vs the torch CRF (GPU), same volume and iterations
+skip="torch-cpu"
+[ "$device" = cpu ] && skip="torch-cuda"
+python3 -c "import pydensecrf" 2>/dev/null || skip="$skip pydensecrf-cpu"
+step "dense CRF" 90 && python3 benchmarks/crf_speed.py --size $crf_size --repeats 1 --skip $skip \
+  --json "$OUT/crf_speed.json" > "$OUT/crf_speed.log" 2>&1
+tail -6 "$OUT/crf_speed.log" | tee "$OUT/crf_speed.txt"
+
+# 3. pseudo-label throughput with the DRAMTrainer model of step 1: all cases on the GPU, 2 cases on the CPU
+export nnUNet_raw=$ws/nnUNet_raw nnUNet_preprocessed=$ws/nnUNet_preprocessed nnUNet_results=$ws/nnUNet_results
+export nnUNet_extTrainer=$PWD/trainers
+plans_name=nnUNetPlans; [ "$plans" = quick ] && plans_name=nnUNetPlans_quick
+pseudo() {  # pseudo DEVICE NEW_ID EXTRA...: prints "<device> <cases> <seconds>"
+  local dev=$1 id=$2; shift 2
+  local t0; t0=$(date +%s.%N)
+  python3 -m nnunetv2_dram pseudolabels -d 960 -c 3d_fullres -f 0 -tr DRAMTrainer -p $plans_name -o $id \
+    --crf dense -device $dev -np 4 --overwrite "$@" >> "$OUT/pseudo_labels.log" 2>&1 || { echo "$dev failed"; return; }
+  local n; n=$(ls "$nnUNet_raw"/Dataset${id}_*/labelsTr | wc -l)
+  echo "$dev $n $(python3 -c "import time; print(round(time.time() - $t0, 1))")"
+}
+if step "pseudo labels $device" 60; then
+  r=$(pseudo $device 961); echo "$r" | tee -a "$OUT/pseudo_labels.txt"
 fi
+if [ "$device" = cuda ] && step "pseudo labels cpu (2 cases)" 120; then
+  r=$(pseudo cpu 962 -num_parts $(( cases / 2 )) -part_id 0); echo "$r" | tee -a "$OUT/pseudo_labels.txt"
+fi
+
+# 4. DRAMTrainer under torch.compile (opt-in for our trainers: nnUNet_compile=t)
+if [ "$size" = compile ] && step "DRAMTrainer with torch.compile" 150; then
+  nnUNet_compile=t timeout $(( $(left) - 10 )) python3 benchmarks/iteration_speed.py --device cuda --plans $plans \
+    --shape $shape --cases $cases --epochs 3 --iterations $its --workspace "$ws" --trainers DRAMTrainer --mode loop \
+    --json "$OUT/iteration_speed_compiled.json" > "$OUT/iteration_speed_compiled.log" 2>&1
+  echo "exit $?" >> "$OUT/iteration_speed_compiled.log"
+  tail -4 "$OUT/iteration_speed_compiled.log" | tee "$OUT/iteration_speed_compiled.txt"
+fi
+
+if [ "$size" = small ] || [ "$size" = dry ]; then
+  # 5. a short quality run: DRAM vs CAM vs fully supervised on held-out synthetic CTs
+  qargs="--train 16 --test 6 --shape 48 128 128 --epochs 10 --iterations 50"
+  [ "$size" = dry ] && qargs="--train 4 --test 2 --shape 32 64 64 --epochs 1 --iterations 3"
+  step "quality" 0 && python3 benchmarks/quality.py --device $device --preset quick $qargs --workspace "$ws" \
+    --json "$OUT/quality.json" > "$OUT/quality.log" 2>&1
+  tail -16 "$OUT/quality.log" | tee "$OUT/quality.txt"
+fi
+echo "total $(( $(date +%s) - start )) s"

@@ -6,6 +6,12 @@ the epoch/iteration budget taken from the environment. Each trainer trains `--ep
 iterations (one validation iteration per epoch); epoch 0 is dropped (start-up, cudnn autotuning, torch.compile),
 the rest give seconds per iteration. Peak GPU memory comes from the training log (CUDA only).
 
+That loop time includes waiting for nnU-Net's augmentation workers, which on a GPU can dominate and varies from
+run to run (H200: the same stock trainer gave 0.076 and 0.159 s per iteration in two calls). So the script also
+times the step alone ("steps" mode): each trainer is built in this process exactly as nnUNetv2_train builds it,
+two batches are drawn from its own data loader, and `train_step` (forward, loss, backward, optimizer) runs
+`--steps` times on them after `--warmup` steps, with CUDA synchronised: the compute cost at equal voxels per batch.
+
     python benchmarks/iteration_speed.py --device cpu                       # quick plans, about 5 minutes here
     python benchmarks/iteration_speed.py --device cuda --plans full --shape 96 192 192 --iterations 50
 
@@ -23,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-TRAINERS = ["nnUNetTrainerBudget", "DRAMTrainer", "DRAMTrainerNoRefine", "CAMTrainer"]
+TRAINERS = ["nnUNetTrainerBudget", "DRAMTrainer", "DRAMTrainerCoarseRefine", "DRAMTrainerNoRefine", "CAMTrainer"]
 
 
 def prepare(workspace: Path, dataset_id: int, shape, n_cases: int, plans: str, configuration: str) -> str:
@@ -66,6 +72,39 @@ def run_trainer(trainer: str, dataset: str, configuration: str, plans_name: str,
             "peak_gpu_gib": max(mem) if mem else None, "wall_seconds": round(time.time() - t0, 1)}
 
 
+def time_train_steps(trainer_name: str, dataset: str, configuration: str, plans_name: str, device: str,
+                     steps: int, warmup: int) -> dict:
+    """Seconds per train_step on fixed batches (no data-loading wait), in this process."""
+    import torch
+    from nnunetv2.run.run_training import get_trainer_from_args
+    dev = torch.device(device)
+    trainer = get_trainer_from_args(dataset, configuration, 0, trainer_name, plans_name, device=dev)
+    trainer.on_train_start()
+    try:
+        batches = [next(trainer.dataloader_train) for _ in range(2)]
+        trainer.network.train()
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+        for i in range(warmup):
+            trainer.train_step(batches[i % 2])
+        sync()
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        for i in range(steps):
+            trainer.train_step(batches[i % 2])
+        sync()
+        per_step = (time.perf_counter() - t0) / steps
+        peak = torch.cuda.max_memory_allocated() / 2 ** 30 if dev.type == "cuda" else None
+    finally:
+        for loader in (trainer.dataloader_train, trainer.dataloader_val):
+            if hasattr(loader, "_finish"):
+                loader._finish()
+    del trainer
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"seconds_per_step": round(per_step, 4), "step_peak_gpu_gib": round(peak, 2) if peak else None}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -76,6 +115,10 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--iterations", type=int, default=10)
     ap.add_argument("--trainers", nargs="+", default=TRAINERS)
+    ap.add_argument("--mode", default="both", choices=("loop", "steps", "both"),
+                    help="loop: nnUNetv2_train epochs; steps: train_step alone on fixed batches; both")
+    ap.add_argument("--steps", type=int, default=20, help="timed train steps per trainer (steps mode)")
+    ap.add_argument("--warmup", type=int, default=5, help="untimed steps first (cudnn autotuning, allocator)")
     ap.add_argument("--workspace", default="benchmark_workspace")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -93,14 +136,25 @@ def main(argv=None) -> int:
     dataset = prepare(ws, 960, args.shape, args.cases, args.plans, args.configuration)
     plans = json.loads((ws / "nnUNet_preprocessed" / dataset / f"{plans_name}.json").read_text())
     cfg = plans["configurations"][args.configuration]
+    os.environ.setdefault("nnUNet_compile", "f")  # compile time is not iteration time; weak trainers run eagerly
     rows = []
     for trainer in args.trainers:
-        print(f"timing {trainer} ...", flush=True)
-        rows.append(run_trainer(trainer, dataset, args.configuration, plans_name, args.device, args.epochs,
-                                args.iterations, dict(os.environ)))
+        row = {"trainer": trainer}
+        if args.mode in ("loop", "both"):
+            print(f"timing {trainer} through nnUNetv2_train ...", flush=True)
+            row.update(run_trainer(trainer, dataset, args.configuration, plans_name, args.device, args.epochs,
+                                   args.iterations, dict(os.environ)))
+        if args.mode in ("steps", "both"):
+            print(f"timing {trainer} train_step ...", flush=True)
+            row.update(time_train_steps(trainer, dataset, args.configuration, plans_name, args.device, args.steps,
+                                        args.warmup))
+        rows.append(row)
     base = next((r for r in rows if r["trainer"] == "nnUNetTrainerBudget"), rows[0])
-    for r in rows:
-        r["ratio_to_nnUNetTrainer"] = round(r["seconds_per_iteration"] / base["seconds_per_iteration"], 3)
+    for key, ratio in (("seconds_per_iteration", "ratio_to_nnUNetTrainer"),
+                       ("seconds_per_step", "step_ratio_to_nnUNetTrainer")):
+        for r in rows:
+            if key in r and key in base:
+                r[ratio] = round(r[key] / base[key], 3)
     device = "cpu: " + platform.processor() if args.device == "cpu" else "cuda"
     if args.device == "cuda":
         import torch
@@ -108,10 +162,12 @@ def main(argv=None) -> int:
     print(f"\n{device}; plans {plans_name} {args.configuration}: patch {cfg['patch_size']}, batch "
           f"{cfg['batch_size']}, features {cfg['architecture']['arch_kwargs']['features_per_stage']}; "
           f"{args.epochs - 1} timed epochs of {args.iterations} iterations")
-    print(f"{'trainer':22s} {'s/iter':>8s} {'ratio':>7s} {'peak GiB':>9s}")
+    nan = float("nan")
+    print(f"{'trainer':24s} {'loop s/it':>9s} {'ratio':>6s} {'step s':>7s} {'ratio':>6s} {'peak GiB':>9s}")
     for r in rows:
-        print(f"{r['trainer']:22s} {r['seconds_per_iteration']:8.3f} {r['ratio_to_nnUNetTrainer']:7.2f} "
-              f"{(r['peak_gpu_gib'] or float('nan')):9.2f}")
+        peak = r.get("peak_gpu_gib") or r.get("step_peak_gpu_gib") or nan
+        print(f"{r['trainer']:24s} {r.get('seconds_per_iteration', nan):9.3f} {r.get('ratio_to_nnUNetTrainer', nan):6.2f} "
+              f"{r.get('seconds_per_step', nan):7.3f} {r.get('step_ratio_to_nnUNetTrainer', nan):6.2f} {peak:9.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": device, "plans": plans_name, "configuration":
                                                args.configuration, "patch_size": cfg["patch_size"],

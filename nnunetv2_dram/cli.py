@@ -60,4 +60,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run as a script, this file is `__main__`, whose UserError is not the one the commands raise
+    from nnunetv2_dram.cli import main as _main
+    sys.exit(_main())

@@ -7,7 +7,7 @@ import pytest
 
 from nnunetv2_dram.paths import trainers_path
 
-TRAINERS = ["DRAMTrainer", "DRAMTrainerNoRefine", "CAMTrainer", "nnUNetTrainerBudget"]
+TRAINERS = ["DRAMTrainer", "DRAMTrainerNoRefine", "DRAMTrainerCoarseRefine", "CAMTrainer", "nnUNetTrainerBudget"]
 
 
 def test_trainers_path_command_prints_the_trainers_folder():
@@ -41,3 +41,17 @@ def test_shims_import_nothing_but_the_package():
         body = ast.parse(f.read_text()).body
         code = [n for n in body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]
         assert all(isinstance(n, ast.ImportFrom) and n.module.startswith("nnunetv2_dram.") for n in code), f.name
+
+
+@pytest.mark.parametrize("value,expected", [(None, False), ("f", False), ("t", True), ("true", True)])
+def test_weak_trainers_compile_only_when_asked(value, expected, monkeypatch):
+    # nnU-Net compiles by default on a GPU; our refinement under torch.compile was far slower to start (docs)
+    import torch
+    from nnunetv2_dram.training.dram_trainers import DRAMTrainer
+    if value is None:
+        monkeypatch.delenv("nnUNet_compile", raising=False)
+    else:
+        monkeypatch.setenv("nnUNet_compile", value)
+    trainer = object.__new__(DRAMTrainer)  # the decision needs only the device
+    trainer.device = torch.device("cuda")
+    assert trainer._do_i_compile() is expected
