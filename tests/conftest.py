@@ -53,8 +53,8 @@ class Workspace:
 
     def environ(self, **extra) -> dict:
         env = dict(os.environ)
-        for k in ("NNUNETV2_DRAM_EPOCHS", "NNUNETV2_DRAM_ITERATIONS", "NNUNETV2_DRAM_VAL_ITERATIONS",
-                  "NNUNETV2_DRAM_SKIP_FINAL_VALIDATION", "NNUNETV2_DRAM_SEED", "NNUNETV2_DRAM_LR"):
+        from nnunetv2_dram.training.budget import TRAINER_VARIABLES
+        for k in TRAINER_VARIABLES:
             env.pop(k, None)
         env.update(self.env)
         env.update({k: str(v) for k, v in extra.items()})

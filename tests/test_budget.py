@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from nnunetv2_dram.training.budget import apply_training_budget
+from nnunetv2_dram.training.budget import TRAINER_VARIABLES, apply_training_budget
 
 
 class _Trainer:
@@ -22,8 +22,7 @@ class _Trainer:
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch):
-    for k in ("NNUNETV2_DRAM_EPOCHS", "NNUNETV2_DRAM_ITERATIONS", "NNUNETV2_DRAM_VAL_ITERATIONS",
-              "NNUNETV2_DRAM_SEED", "NNUNETV2_DRAM_LR"):
+    for k in TRAINER_VARIABLES:
         monkeypatch.delenv(k, raising=False)
 
 

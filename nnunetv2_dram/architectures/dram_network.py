@@ -72,9 +72,11 @@ class DenseRegressionNetwork(nn.Module):
         down = lambda t: F.adaptive_avg_pool3d(t, small) if t.ndim == 5 else F.adaptive_avg_pool2d(t, small)  # noqa: E731
         up = lambda t: F.interpolate(t, size=size, mode=mode, align_corners=False)  # noqa: E731
         d_low = down(dram)
-        spacing_low = spacing * torch.tensor([s / m for s, m in zip(size, small)], device=spacing.device,
-                                             dtype=spacing.dtype) if torch.is_tensor(spacing) else \
-            [sp * s / m for sp, s, m in zip(spacing, size, small)]
+        factors = [s / m for s, m in zip(size, small)]  # mm per coarse voxel = mm per voxel x factor
+        if torch.is_tensor(spacing):  # (batch, dim) per-sample spacing
+            spacing_low = spacing * spacing.new_tensor(factors)
+        else:
+            spacing_low = [sp * f for sp, f in zip(spacing, factors)]
         att_low = self.attention(d_low, down(feats))
         ref_low = self.crf(att_low, down(guide), spacing_low)
         return dram + up(att_low - d_low), dram + up(ref_low - d_low)

@@ -5,10 +5,12 @@
 and every trainer of this plugin takes them at construction. NNUNETV2_DRAM_SEED=N additionally seeds Python,
 NumPy and torch there (network initialisation, region sampling, augmentation in the main process), which makes
 a CPU run with nnUNet_n_proc_DA=0 repeatable, and NNUNETV2_DRAM_LR=X replaces nnU-Net's initial learning rate.
-The values are written into the training log, and `--c` continues with whatever the variables say then (as nnU-Net continues with its class defaults).
+The values are written into the training log, and `--c` continues with whatever the variables say then (as
+nnU-Net continues with its class defaults).
 """
 from __future__ import annotations
 
+import math
 import os
 
 BUDGET_VARIABLES = {
@@ -16,32 +18,40 @@ BUDGET_VARIABLES = {
     "NNUNETV2_DRAM_ITERATIONS": "num_iterations_per_epoch",
     "NNUNETV2_DRAM_VAL_ITERATIONS": "num_val_iterations_per_epoch",
 }
+SEED_VARIABLE = "NNUNETV2_DRAM_SEED"
+LEARNING_RATE_VARIABLE = "NNUNETV2_DRAM_LR"
+SKIP_FINAL_VALIDATION_VARIABLE = "NNUNETV2_DRAM_SKIP_FINAL_VALIDATION"
+#: every variable a plugin trainer reads (tests clear them so the caller's shell cannot leak in)
+TRAINER_VARIABLES = (*BUDGET_VARIABLES, SEED_VARIABLE, LEARNING_RATE_VARIABLE, SKIP_FINAL_VALIDATION_VARIABLE)
+
+
+def _from_environment(var: str, parse, valid, requirement: str):
+    """The parsed value of `var`, None when unset; a clear stop naming the variable when it is not `valid`."""
+    value = os.environ.get(var)
+    if value in (None, ""):
+        return None
+    try:
+        parsed = parse(value)
+    except ValueError:
+        parsed = None
+    if parsed is None or not valid(parsed):
+        raise SystemExit(f"{var}={value!r} must be {requirement}")
+    return parsed
 
 
 def read_budget() -> dict[str, int]:
     out = {}
     for var, attr in BUDGET_VARIABLES.items():
-        value = os.environ.get(var)
-        if value in (None, ""):
-            continue
-        try:
-            n = int(value)
-            if n < 1:
-                raise ValueError
-        except ValueError:
-            raise SystemExit(f"{var}={value!r} must be a positive integer")
-        out[attr] = n
+        n = _from_environment(var, int, lambda v: v >= 1, "a positive integer")
+        if n is not None:
+            out[attr] = n
     return out
 
 
 def seed_from_environment(trainer) -> None:
-    value = os.environ.get("NNUNETV2_DRAM_SEED")
-    if value in (None, ""):
+    seed = _from_environment(SEED_VARIABLE, int, lambda v: True, "an integer")
+    if seed is None:
         return
-    try:
-        seed = int(value)
-    except ValueError:
-        raise SystemExit(f"NNUNETV2_DRAM_SEED={value!r} must be an integer")
     import random
 
     import numpy as np
@@ -54,17 +64,15 @@ def seed_from_environment(trainer) -> None:
 
 def learning_rate_from_environment(trainer) -> None:
     """NNUNETV2_DRAM_LR replaces nnU-Net's initial learning rate (1e-2, SGD with momentum 0.99, poly decay)."""
-    value = os.environ.get("NNUNETV2_DRAM_LR")
-    if value in (None, ""):
-        return
-    try:
-        lr = float(value)
-    except ValueError:
-        lr = float("nan")
-    if not (lr > 0 and lr < 10):
-        raise SystemExit(f"NNUNETV2_DRAM_LR={value!r} must be a positive number such as 1e-3")
-    trainer.initial_lr = lr
-    trainer.print_to_log_file(f"initial learning rate from the environment: {lr}")
+    lr = _from_environment(LEARNING_RATE_VARIABLE, float, lambda v: math.isfinite(v) and 0 < v < 10,
+                           "a positive number such as 1e-3")
+    if lr is not None:
+        trainer.initial_lr = lr
+        trainer.print_to_log_file(f"initial learning rate from the environment: {lr}")
+
+
+def skip_final_validation() -> bool:
+    return os.environ.get(SKIP_FINAL_VALIDATION_VARIABLE, "0") in ("1", "true", "True")
 
 
 def apply_training_budget(trainer) -> dict[str, int]:

@@ -6,12 +6,10 @@ needs its minutes elsewhere).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunetv2_dram.training.budget import apply_training_budget
+from nnunetv2_dram.training.budget import apply_training_budget, skip_final_validation
 from nnunetv2_dram.training.gpu_memory import log_peak_gpu_memory
 
 
@@ -26,7 +24,7 @@ class nnUNetTrainerBudget(nnUNetTrainer):
         super().on_epoch_end()
 
     def perform_actual_validation(self, save_probabilities: bool = False):
-        if os.environ.get("NNUNETV2_DRAM_SKIP_FINAL_VALIDATION", "0") in ("1", "true", "True"):
+        if skip_final_validation():
             self.print_to_log_file("final validation skipped (NNUNETV2_DRAM_SKIP_FINAL_VALIDATION=1)")
             return
         super().perform_actual_validation(save_probabilities)

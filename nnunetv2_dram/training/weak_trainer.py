@@ -26,7 +26,7 @@ from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.helpers import dummy_context
 
 from nnunetv2_dram.losses.interval_regression import interval_distance
-from nnunetv2_dram.training.budget import apply_training_budget
+from nnunetv2_dram.training.budget import apply_training_budget, skip_final_validation
 from nnunetv2_dram.training.chunk_loader import RegionChunkLoader
 from nnunetv2_dram.training.gpu_memory import log_peak_gpu_memory
 from nnunetv2_dram.training.region_chunks import (ChunkSpec, balanced_probabilities, build_region_samples,
@@ -297,7 +297,7 @@ class WeakRegressionTrainer(nnUNetTrainer):
     def perform_actual_validation(self, save_probabilities: bool = False):
         """Region-% error of the trained model on the validation cases, run region by region as trained.
         Writes validation/region_fractions.json; with --npz also the lesion probability maps via nnU-Net's export."""
-        if os.environ.get("NNUNETV2_DRAM_SKIP_FINAL_VALIDATION", "0") in ("1", "true", "True"):
+        if skip_final_validation():
             self.print_to_log_file("final validation skipped (NNUNETV2_DRAM_SKIP_FINAL_VALIDATION=1)")
             return
         from nnunetv2_dram.evaluation.region_report import region_report
