@@ -112,12 +112,17 @@ def one_run(args, mode: str, target: str, seed: int, base_id: int) -> dict:
     rows = {}
     opts = _opts(dataset, 0, "DRAMTrainer", args, configuration)
     P.plan_and_preprocess(opts, dataset)
-    for trainer in ("CAMTrainer", "DRAMTrainerNoRefine", "DRAMTrainer"):
+    weak = ["CAMTrainer", "DRAMTrainerNoRefine", "DRAMTrainer"] + list(args.extra_trainers)
+    map_rows = MAP_ROWS + [(f"{t} {kind} map", t, kind) for t in args.extra_trainers for kind in ("raw", "refined")]
+    for trainer in weak:
         P.train(_opts(dataset, 0, trainer, args, configuration), dataset, trainer)
-    for row, trainer, kind in MAP_ROWS:
-        rows[row] = test_map_scores(dataset, trainer, kind, opts)
+    for row, trainer, kind in map_rows:
+        rows[row] = test_map_scores(dataset, trainer, "dram" if kind == "raw" else kind, opts)
     finals = {}
-    for trainer, offset in (("DRAMTrainer", 1), ("CAMTrainer", 3)):
+    # dataset ids: base+1/2 DRAMTrainer pseudo labels, +3/4 CAM, +5 fully supervised, +6/7, +8/9 extra trainers
+    pseudo_sources = [("DRAMTrainer", 1), ("CAMTrainer", 3)] + [(t, 6 + 2 * i)
+                                                                for i, t in enumerate(args.extra_trainers)]
+    for trainer, offset in pseudo_sources:
         for crf, extra in (("none", 0), ("dense", 1)):
             o = _opts(dataset, base_id + offset + extra, trainer, args, configuration)
             o.crf = crf
@@ -126,7 +131,7 @@ def one_run(args, mode: str, target: str, seed: int, base_id: int) -> dict:
             pseudo = P.pseudo_labels(o)
             m = evaluate_folders(raw / dataset / "referenceTr", raw / pseudo / "labelsTr")["mean"]
             rows[f"{trainer} pseudo labels, CRF {crf}"] = {"IoU": m["IoU"], "Dice": m["Dice"]}
-            if crf == "dense":
+            if crf == "dense" and trainer in ("DRAMTrainer", "CAMTrainer"):
                 finals[trainer] = (o, pseudo)
     full = fully_supervised_dataset(dataset, base_id + 5)
     finals["fully supervised (referenceTr)"] = (_opts(dataset, base_id + 5, "none", args, configuration), full)
@@ -168,12 +173,16 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", nargs="+", default=["3d"], choices=("3d", "2d"))
     ap.add_argument("--targets", nargs="+", default=["percentage"], choices=("percentage", "ctss"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--extra-trainers", nargs="*", default=[], choices=("DRAMTrainerCoarseRefine",),
+                    help="more weak trainers: their raw/refined test maps and pseudo labels (no final network)")
     ap.add_argument("--workspace", default="benchmark_workspace")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     _env_setup(Path(args.workspace).resolve())
     runs = []
     base = 800
+    if len(args.extra_trainers) > 2:
+        raise SystemExit("at most two --extra-trainers (each run reserves 10 dataset ids)")
     for mode in args.modes:
         for target in args.targets:
             for seed in args.seeds:

@@ -137,3 +137,42 @@ def test_usable_under_autocast():
     low.sum().backward()
     assert torch.isfinite(logits.grad).all()
     assert (low - module(logits, features)).abs().max() < 0.05
+
+
+# ------------------------------------------------------------------ the custom autograd functions behind the speed-up
+def _plain_shift(x: torch.Tensor, offset) -> torch.Tensor:
+    """result[..., i] = x[..., i + offset], zeros outside: the obvious (slow, plain-autograd) way."""
+    pad = max(abs(o) for o in offset) if any(offset) else 0
+    padded = torch.nn.functional.pad(x, [pad] * (2 * (x.ndim - 2)))
+    index = tuple(slice(pad + o, pad + o + s) for o, s in zip(offset, x.shape[2:]))
+    return padded[(slice(None), slice(None)) + index]
+
+
+@pytest.mark.parametrize("dim,shape,dilations", [(2, (7, 6), (1, 2)), (3, (4, 5, 6), (1,)), (3, (5, 4, 5), (1, 2))])
+def test_neighbour_functions_match_plain_autograd_and_pass_gradcheck(dim, shape, dilations):
+    from nnunetv2_dram.building_blocks.local_attention import _NeighbourSquaredDistances, _NeighbourWeightedSum
+    torch.manual_seed(3)
+    offsets = neighbourhood_offsets(dim, 3, dilations)
+    pad = max(dilations)
+    e = torch.randn(2, 3, *shape, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(2, len(offsets), *shape, dtype=torch.float64, requires_grad=True)
+    m = torch.randn(2, 1, *shape, dtype=torch.float64, requires_grad=True)
+    inside = torch.ones((len(offsets),) + shape, dtype=torch.bool)
+    for k, o in enumerate(offsets):  # neighbours outside the volume: the caller masks those distances
+        inside[k] = _plain_shift(torch.ones(1, 1, *shape), o)[0, 0] > 0
+    # distances: same values where the neighbour exists, same gradients through those entries
+    fast = _NeighbourSquaredDistances.apply(e, offsets, pad)
+    plain = torch.cat([(e - _plain_shift(e, o)).square().sum(1, keepdim=True) for o in offsets], 1)
+    assert torch.allclose(fast[:, inside], plain[:, inside])
+    g = torch.randn_like(fast) * inside
+    assert torch.allclose(torch.autograd.grad((fast * g).sum(), e)[0], torch.autograd.grad((plain * g).sum(), e)[0])
+    # weighted sum: identical, values and gradients
+    fast_sum = _NeighbourWeightedSum.apply(w, m, offsets, pad)
+    plain_sum = sum(w[:, k:k + 1] * _plain_shift(m, o) for k, o in enumerate(offsets))
+    assert torch.allclose(fast_sum, plain_sum)
+    g = torch.randn_like(fast_sum)
+    for a, b in zip(torch.autograd.grad((fast_sum * g).sum(), [w, m]), torch.autograd.grad((plain_sum * g).sum(), [w, m])):
+        assert torch.allclose(a, b)
+    # and each backward is the exact derivative of its own forward (numerically checked)
+    assert torch.autograd.gradcheck(lambda x: _NeighbourSquaredDistances.apply(x, offsets, pad), (e,))
+    assert torch.autograd.gradcheck(lambda a, b: _NeighbourWeightedSum.apply(a, b, offsets, pad), (w, m))

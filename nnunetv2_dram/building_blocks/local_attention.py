@@ -29,6 +29,12 @@ Borders. Neighbours are read from a zero-padded copy with shifted slices (no unf
 O(K * voxels) for the K affinities, plus O(d * voxels)); a padded neighbour's score is -inf, so it gets zero weight
 and the weights over real neighbours still sum to one -- a constant map stays constant up to the border.
 
+Speed. The neighbour distances and the propagation are two custom autograd functions. Plain autograd through K
+shifted slices of a padded tensor allocates and zero-fills a padded gradient per slice in the backward pass (it
+took 65% of the module's time on the CPU, backward 5x the forward); the custom backward passes accumulate into one
+padded buffer instead. The distance to neighbour -d is the distance to +d read one offset back, so only half of
+the offsets touch the d-channel features.
+
 Initialisation. Affinities from a randomly initialised projection on locally smooth features are close to uniform
 over similar neighbours, so the module starts as a mild edge-aware smoothing blended half with the identity (it
 cannot start from garbage: the output is a convex combination of nearby input logits).
@@ -61,6 +67,99 @@ def neighbourhood_offsets(dim: int, kernel_size: int, dilations: Sequence[int]) 
     zero = (0,) * dim
     offsets.discard(zero)
     return [zero] + sorted(offsets)
+
+
+def _shifted_view(padded: torch.Tensor, offset: Sequence[int], pad: int) -> torch.Tensor:
+    """View of a tensor padded by `pad` on every spatial side: result[..., i] = original[..., i + offset]."""
+    shape = padded.shape[2:]
+    return padded[(slice(None), slice(None)) + tuple(slice(pad + o, size - pad + o) for o, size in zip(offset, shape))]
+
+
+def _pad(x: torch.Tensor, pad: int) -> torch.Tensor:
+    return F.pad(x, [pad] * (2 * (x.ndim - 2)))
+
+
+def _mirror_pairs(offsets: Sequence[tuple[int, ...]]) -> list[tuple[int, int | None]]:
+    """(index of an offset computed directly, index of its negative or None) covering every offset once."""
+    index = {o: k for k, o in enumerate(offsets)}
+    pairs, done = [], set()
+    for k, o in enumerate(offsets):
+        if k in done:
+            continue
+        m = index.get(tuple(-v for v in o))
+        m = None if m == k else m
+        pairs.append((k, m))
+        done.update({k} if m is None else {k, m})
+    return pairs
+
+
+class _NeighbourSquaredDistances(torch.autograd.Function):
+    """dist_k(i) = sum_c (e_c(i) - e_c(i + offset_k))^2, (B, C, *S) -> (B, K, *S), zero padding outside the volume.
+
+    Entries whose neighbour lies outside the volume are not meaningful (the caller masks them). For a pair of
+    offsets +d/-d only +d is computed from e: dist_-d(i) = dist_+d(i - d).
+    """
+
+    @staticmethod
+    def forward(ctx, e, offsets, pad):
+        pairs = _mirror_pairs(offsets)
+        padded_e = _pad(e, pad)
+        out = e.new_empty((e.shape[0], len(offsets)) + tuple(e.shape[2:]))
+        for k, m in pairs:
+            dist = (e - _shifted_view(padded_e, offsets[k], pad)).square_().sum(1, keepdim=True)
+            out[:, k:k + 1] = dist
+            if m is not None:
+                out[:, m:m + 1] = _shifted_view(_pad(dist, pad), offsets[m], pad)
+        ctx.save_for_backward(e)
+        ctx.offsets, ctx.pad, ctx.pairs = offsets, pad, pairs
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (e,) = ctx.saved_tensors
+        offsets, pad = ctx.offsets, ctx.pad
+        padded_e = _pad(e, pad)
+        padded_grad_out = _pad(grad, pad)
+        padded_grad_e = torch.zeros_like(padded_e)
+        grad_e = _shifted_view(padded_grad_e, (0,) * (e.ndim - 2), pad)
+        for k, m in ctx.pairs:
+            g = grad[:, k:k + 1]
+            if m is not None:  # dist_-d(i + d) = dist_+d(i): its gradient arrives one offset ahead
+                g = g + _shifted_view(padded_grad_out[:, m:m + 1], offsets[k], pad)
+            diff = e - _shifted_view(padded_e, offsets[k], pad)
+            diff.mul_(2.0 * g)
+            grad_e.add_(diff)
+            _shifted_view(padded_grad_e, offsets[k], pad).sub_(diff)
+        return grad_e.contiguous(), None, None
+
+
+class _NeighbourWeightedSum(torch.autograd.Function):
+    """out(i) = sum_k w_k(i) m(i + offset_k), weights (B, K, *S), map (B, 1, *S), zero padding outside."""
+
+    @staticmethod
+    def forward(ctx, weights, values, offsets, pad):
+        padded = _pad(values, pad)
+        out = torch.zeros_like(values)
+        for k, offset in enumerate(offsets):
+            out.addcmul_(weights[:, k:k + 1], _shifted_view(padded, offset, pad))
+        ctx.save_for_backward(weights, values)
+        ctx.offsets, ctx.pad = offsets, pad
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        weights, values = ctx.saved_tensors
+        offsets, pad = ctx.offsets, ctx.pad
+        grad_weights = grad_values = None
+        if ctx.needs_input_grad[0]:
+            padded = _pad(values, pad)
+            grad_weights = torch.cat([grad * _shifted_view(padded, o, pad) for o in offsets], 1)
+        if ctx.needs_input_grad[1]:
+            padded_grad_values = torch.zeros_like(_pad(values, pad))
+            for k, offset in enumerate(offsets):
+                _shifted_view(padded_grad_values, offset, pad).addcmul_(grad, weights[:, k:k + 1])
+            grad_values = _shifted_view(padded_grad_values, (0,) * (values.ndim - 2), pad).contiguous()
+        return grad_weights, grad_values, None, None
 
 
 class LocalAffinityAttention(nn.Module):
@@ -110,41 +209,31 @@ class LocalAffinityAttention(nn.Module):
     def _padded(self, x: torch.Tensor) -> torch.Tensor:
         return F.pad(x, [self.pad] * (2 * self.dim))
 
+    def _invalid_neighbours(self, shape, device) -> torch.Tensor:
+        """(1, K, *S) True where offset k of voxel i points outside the volume."""
+        invalid = torch.ones((1, len(self.offsets)) + tuple(shape), dtype=torch.bool, device=device)
+        for k, offset in enumerate(self.offsets):
+            inside = tuple(slice(max(0, -o), size - max(0, o)) for o, size in zip(offset, shape))
+            invalid[(0, k) + inside] = False
+        return invalid
+
     def affinities(self, features: torch.Tensor) -> torch.Tensor:
         """Attention weights (B, K, *S) over `self.offsets`; each voxel's weights sum to one."""
         embedded = self.theta(features)
         scale = 1.0 / math.sqrt(self.proj_channels)
-        padded = self._padded(embedded)
         if self.similarity == "distance":
-            sq_norm = embedded.square().sum(1, keepdim=True)
-            padded_sq_norm = self._padded(sq_norm)
+            # offset 0 is exactly 0 (a voxel's distance to itself), not computed
+            distances = _NeighbourSquaredDistances.apply(embedded, self.offsets[1:], self.pad)
+            scores = torch.cat([torch.zeros_like(distances[:, :1]), distances], 1).float() * -scale
         else:
             padded_key = self._padded(self.phi(features))
-        valid_padded = self._padded(torch.ones((1, 1) + tuple(features.shape[2:]), device=features.device,
-                                               dtype=torch.bool))
-        scores, valid = [], []
-        for offset in self.offsets:
-            if self.similarity == "distance":
-                if not any(offset):
-                    # exact 0 rather than a rounding residue of |e|^2 + |e|^2 - 2 e.e
-                    score = torch.zeros_like(sq_norm)
-                else:
-                    # |e_i - e_j|^2 via norms and a dot product: autograd then keeps only views, not K copies of e
-                    dot = (embedded * self._shifted(padded, offset)).sum(1, keepdim=True)
-                    score = -(sq_norm + self._shifted(padded_sq_norm, offset) - 2.0 * dot).clamp_min(0.0) * scale
-            else:
-                score = F.relu((embedded * self._shifted(padded_key, offset)).sum(1, keepdim=True)) * scale
-            scores.append(score.float())
-            valid.append(self._shifted(valid_padded, offset))
-        scores = torch.cat(scores, 1).masked_fill(~torch.cat(valid, 1), float("-inf"))
+            scores = torch.cat([F.relu((embedded * self._shifted(padded_key, o)).sum(1, keepdim=True)).float()
+                                for o in self.offsets], 1) * scale
+        scores = scores.masked_fill(self._invalid_neighbours(features.shape[2:], features.device), float("-inf"))
         return torch.softmax(scores, dim=1)
 
     def _propagate(self, weights: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        padded = self._padded(logits)
-        out = weights[:, :1] * logits
-        for k, offset in enumerate(self.offsets[1:], start=1):
-            out = out + weights[:, k:k + 1] * self._shifted(padded, offset)
-        return out
+        return _NeighbourWeightedSum.apply(weights, logits, self.offsets, self.pad)
 
     def _refine(self, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         weights = self.affinities(features)

@@ -1,0 +1,118 @@
+"""Where DRAMTrainer's extra time goes: the refinement's parts, timed alone on one batch-shaped input.
+
+DRAMTrainer = nnU-Net's network + attention + dense CRF. `iteration_speed.py` gives the whole step; this script
+splits the refinement: the attention module and the trainable CRF, each forward only and forward + backward, at full
+resolution and on DRAMTrainerCoarseRefine's coarser grid, with the modules exactly as the trainers build them
+(`DenseRegressionNetwork._refine` with the default attention and CRF settings). The input is what the trainer
+feeds them: a dRAM logit map, the image plus the first-stage features (1 + features channels) and the image as the
+CRF's guide, at the patch, batch and spacing given. Minimum over `--repeats` (CUDA synchronised).
+
+    python benchmarks/refinement_speed.py --device cpu --shape 48 80 80 --threads 1
+    python benchmarks/refinement_speed.py --device cuda --shape 96 160 160 --features 32     # nnU-Net's plans
+
+Prints a table; --json writes the numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+
+def timed(fn, device, repeats: int) -> float:
+    import torch
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--shape", type=int, nargs=3, default=(48, 80, 80), help="patch (z, y, x)")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--features", type=int, default=32, help="first-stage feature channels of the U-Net")
+    ap.add_argument("--spacing", type=float, nargs=3, default=(2.0, 0.8, 0.8), help="mm per voxel (z, y, x)")
+    ap.add_argument("--downsample", type=int, nargs="+", default=[1, 2],
+                    help="refine_downsample values to time (1: DRAMTrainer, 2: DRAMTrainerCoarseRefine)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+
+    import torch
+    from torch import nn
+    from nnunetv2_dram.architectures.dram_network import DenseRegressionNetwork
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    shape = tuple(args.shape)
+    image = torch.randn(args.batch, 1, *shape, device=device)
+    low = torch.randn(args.batch, args.features, *shape, device=device)
+    feats = torch.cat([image, low], 1)
+    rows = []
+    for k in args.downsample:
+        net = DenseRegressionNetwork(nn.Identity(), 3, args.spacing, 1, args.features, refine=True,
+                                     refine_downsample=k).to(device)
+        spacing = net.spacing
+        dram = torch.randn(args.batch, 1, *shape, device=device, requires_grad=True)
+
+        def attention_forward():
+            with torch.no_grad():
+                net.attention(dram, feats)
+
+        def attention_backward():
+            net.attention(dram, feats).sum().backward()
+
+        def crf_forward():
+            with torch.no_grad():
+                net.crf(dram, image, spacing)
+
+        def crf_backward():
+            net.crf(dram, image, spacing).sum().backward()
+
+        def refine_backward():
+            attended, refined = net._refine(dram, feats, image, spacing)
+            (attended.sum() + refined.sum()).backward()
+
+        parts = [("attention", attention_forward, attention_backward), ("dense CRF", crf_forward, crf_backward),
+                 ("attention + CRF (as trained)", None, refine_backward)]
+        for name, forward, backward in parts:
+            if k > 1 and name != "attention + CRF (as trained)":
+                continue  # the coarse grid only matters for the combined path
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            row = {"part": name, "refine_downsample": k,
+                   "forward_s": round(timed(forward, device, args.repeats), 4) if forward else None,
+                   "forward_backward_s": round(timed(backward, device, args.repeats), 4)}
+            if device.type == "cuda":
+                row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
+            rows.append(row)
+            print(row, flush=True)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"\n{name}; torch {torch.__version__}; batch {args.batch} x {shape}, {1 + args.features} feature channels")
+    print(f"{'part':30s} {'grid':>5s} {'fwd s':>8s} {'fwd+bwd s':>10s}")
+    for r in rows:
+        fwd = "-" if r["forward_s"] is None else f"{r['forward_s']:.4f}"
+        print(f"{r['part']:30s} {'/' + str(r['refine_downsample']):>5s} {fwd:>8s} {r['forward_backward_s']:10.4f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": name, "torch": torch.__version__, "python":
+                                               platform.python_version(), "batch": args.batch, "shape": shape,
+                                               "features": args.features, "spacing": args.spacing, "rows": rows,
+                                               "date": time.strftime("%Y-%m-%d")}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
