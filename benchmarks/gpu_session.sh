@@ -4,7 +4,8 @@
 # Here, once:   bash ../shared/device/prepare-site.sh          (packs nnU-Net & co. into .whl/, git-ignored)
 #               /root/.pyenv/versions/3.12.1/bin/python -m pip wheel pydensecrf2==1.1 -w .whl/   (optional, 49 s)
 # Device call:  run(command="bash benchmarks/gpu_session.sh speed", carry=[".whl"], timeout_s=580)
-#   speed   (~8 min): 1. time per iteration of all trainers on nnU-Net's full plans (96x192x192 synthetic CTs):
+#   speed   (~8 min): 0. the refinement's parts alone (refinement_speed.py, seconds)
+#                     1. time per iteration of all trainers on nnU-Net's full plans (96x192x192 synthetic CTs):
 #                        the nnUNetv2_train loop and the train step alone (iteration_speed.py --mode both)
 #                     2. dense CRF on a 300x512x512 CT: torch CRF on the GPU vs pydensecrf on that machine's CPU
 #                     3. pseudo-label throughput (cases/minute) of the DRAMTrainer model from 1, GPU vs CPU
@@ -47,6 +48,12 @@ step() {  # step NAME SECONDS_NEEDED: true when there is time for it
 python3 -c "import torch, nnunetv2, platform; print('torch', torch.__version__, '| python', platform.python_version(),
 '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda', '|', __import__('os').cpu_count(), 'cpus')" \
   | tee "$OUT/device.txt"
+
+# 0. the refinement's parts alone (attention, CRF; full and coarse grid) at the full plans' patch: seconds
+crop="96 160 160"; [ "$size" = dry ] && crop="24 48 48"
+step "refinement parts" 30 && timeout 120 python3 benchmarks/refinement_speed.py --device $device --shape $crop \
+  --features 32 --json "$OUT/refinement_speed.json" > "$OUT/refinement_speed.log" 2>&1
+tail -6 "$OUT/refinement_speed.log" | tee "$OUT/refinement_speed.txt"
 
 # 1. time per training iteration, side by side (epoch 0 = start-up/cudnn autotuning is dropped; no compile here)
 step "iteration speed" 0 && nnUNet_compile=f python3 benchmarks/iteration_speed.py --device $device --plans $plans \

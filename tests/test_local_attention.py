@@ -176,3 +176,13 @@ def test_neighbour_functions_match_plain_autograd_and_pass_gradcheck(dim, shape,
     # and each backward is the exact derivative of its own forward (numerically checked)
     assert torch.autograd.gradcheck(lambda x: _NeighbourSquaredDistances.apply(x, offsets, pad), (e,))
     assert torch.autograd.gradcheck(lambda a, b: _NeighbourWeightedSum.apply(a, b, offsets, pad), (w, m))
+
+
+def test_half_precision_features_do_not_overflow_the_distances():
+    from nnunetv2_dram.building_blocks.local_attention import _NeighbourSquaredDistances
+    e = (torch.randn(1, 8, 4, 5, 6) * 200).half().requires_grad_()  # squared sums ~1e6 > float16's 65504
+    offsets = neighbourhood_offsets(3, 3, (1,))[1:]
+    d = _NeighbourSquaredDistances.apply(e, offsets, 1)
+    assert d.dtype == torch.float32 and torch.isfinite(d).all() and d.max() > 65504
+    d.sum().backward()
+    assert e.grad.dtype == torch.float16 and torch.isfinite(e.grad).all()
