@@ -44,7 +44,8 @@ the *residual* (refined - pooled) is upsampled (linear interpolation) and added 
 detail of the input map is kept and the attention only adds the coarse correction (like the authors' 64^3 grid,
 with memory and time divided by downsample^dim).
 
-Precision: works under autocast; the softmax and the propagation run in float32 (the output is float32 then).
+Precision: works under autocast; the neighbour distances, the softmax and the propagation run in float32 (the output is
+float32 then).
 """
 from __future__ import annotations
 
@@ -102,6 +103,9 @@ class _NeighbourSquaredDistances(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, e, offsets, pad):
+        # float32 at least: a half-precision sum of squared differences overflows at |e| ~ 100
+        input_dtype = e.dtype
+        e = e.float() if e.dtype in (torch.float16, torch.bfloat16) else e
         pairs = _mirror_pairs(offsets)
         padded_e = _pad(e, pad)
         out = e.new_empty((e.shape[0], len(offsets)) + tuple(e.shape[2:]))
@@ -111,13 +115,14 @@ class _NeighbourSquaredDistances(torch.autograd.Function):
             if m is not None:
                 out[:, m:m + 1] = _shifted_view(_pad(dist, pad), offsets[m], pad)
         ctx.save_for_backward(e)
-        ctx.offsets, ctx.pad, ctx.pairs = offsets, pad, pairs
+        ctx.offsets, ctx.pad, ctx.pairs, ctx.input_dtype = offsets, pad, pairs, input_dtype
         return out
 
     @staticmethod
     def backward(ctx, grad):
         (e,) = ctx.saved_tensors
         offsets, pad = ctx.offsets, ctx.pad
+        grad = grad.to(e.dtype)
         padded_e = _pad(e, pad)
         padded_grad_out = _pad(grad, pad)
         padded_grad_e = torch.zeros_like(padded_e)
@@ -130,7 +135,7 @@ class _NeighbourSquaredDistances(torch.autograd.Function):
             diff.mul_(2.0 * g)
             grad_e.add_(diff)
             _shifted_view(padded_grad_e, offsets[k], pad).sub_(diff)
-        return grad_e.contiguous(), None, None
+        return grad_e.to(ctx.input_dtype).contiguous(), None, None
 
 
 class _NeighbourWeightedSum(torch.autograd.Function):
