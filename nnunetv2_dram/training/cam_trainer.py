@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from nnunetv2_dram.architectures.dram_network import ClassActivationNetwork, build_backbone, features_per_stage
 from nnunetv2_dram.building_blocks.region_pooling import region_mean, resize_mask
@@ -31,5 +32,7 @@ class CAMTrainer(WeakRegressionTrainer):
     def compute_loss(self, outputs: dict, mask: torch.Tensor, interval: torch.Tensor):
         cam = outputs["cam"].float()
         # global (region) average of the per-position regression, then the sigmoid: CAM's classic head
-        pred = torch.sigmoid(region_mean(cam, resize_mask(mask, cam.shape[2:]))[:, 0])
-        return interval_regression_loss(pred, interval, band=self.interval_band), pred
+        pooled_logit = region_mean(cam, resize_mask(mask, cam.shape[2:]))[:, 0]
+        pred = torch.sigmoid(pooled_logit)
+        log_pred = (F.logsigmoid(pooled_logit), F.logsigmoid(-pooled_logit)) if self.saturation_safe_loss else None
+        return interval_regression_loss(pred, interval, band=self.interval_band, log_pred=log_pred), pred

@@ -5,8 +5,6 @@ import torch
 
 from nnunetv2_dram.architectures.dram_network import (DenseRegressionNetwork, build_backbone,
                                                       features_per_stage)
-from nnunetv2_dram.building_blocks.region_pooling import pooled_fraction
-from nnunetv2_dram.losses.interval_regression import interval_regression_loss
 from nnunetv2_dram.losses.self_training import self_training_loss
 from nnunetv2_dram.training.weak_trainer import WeakRegressionTrainer
 
@@ -44,15 +42,15 @@ class DRAMTrainer(WeakRegressionTrainer):
     def compute_loss(self, outputs: dict, mask: torch.Tensor, interval: torch.Tensor):
         drams = outputs["dram"]
         weights = self._deep_supervision_weights(len(drams))
-        fractions = [pooled_fraction(o, mask) for o in drams]
-        loss = sum(float(w) * interval_regression_loss(f, interval, band=self.interval_band)
-                   for w, f in zip(weights, fractions) if w > 0)
-        pred = fractions[0]
+        loss, pred = self._pooled_loss(drams[0], mask, interval)
+        loss = float(weights[0]) * loss
+        for w, o in zip(weights[1:], drams[1:]):
+            if w > 0:
+                loss = loss + float(w) * self._pooled_loss(o, mask, interval)[0]
         refined = outputs.get("refined")
         if refined is not None:
-            f_ref = pooled_fraction(refined, mask)
-            loss = loss + self.refined_loss_weight * interval_regression_loss(f_ref, interval,
-                                                                              band=self.interval_band)
+            loss_ref, f_ref = self._pooled_loss(refined, mask, interval)
+            loss = loss + self.refined_loss_weight * loss_ref
             ramp = min(1.0, (self.current_epoch + 1) / max(1.0, self.self_training_warmup * self.num_epochs))
             loss = loss + ramp * self.self_training_weight * self_training_loss(refined, drams[0].detach(), mask,
                                                                                 interval)

@@ -25,7 +25,8 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.helpers import dummy_context
 
-from nnunetv2_dram.losses.interval_regression import interval_distance
+from nnunetv2_dram.building_blocks.region_pooling import pooled_log_fractions
+from nnunetv2_dram.losses.interval_regression import interval_distance, interval_regression_loss
 from nnunetv2_dram.training.budget import apply_training_budget, skip_final_validation
 from nnunetv2_dram.training.chunk_loader import RegionChunkLoader
 from nnunetv2_dram.training.gpu_memory import log_peak_gpu_memory
@@ -63,6 +64,9 @@ class WeakRegressionTrainer(nnUNetTrainer):
     # 0.33 (DRAMTrainer) and 0.47 vs 0.36 (DRAMTrainerNoRefine) at the same budget (docs/results.md). Unmasked
     # chunks also match what whole-image inference (nnUNetv2_predict) shows the network.
     mask_outside = False
+    # True: the interval hinge is continued in the log domain far from the target (losses/interval_regression.py), so
+    # a map that went dead (all logits far below 0) still gets a gradient. False: the plain linear hinge.
+    saturation_safe_loss = True
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -102,6 +106,13 @@ class WeakRegressionTrainer(nnUNetTrainer):
     def compute_loss(self, outputs: dict, mask: torch.Tensor, interval: torch.Tensor):
         """-> (loss, pooled predicted fraction (B,) of the map the model is judged by)."""
         raise NotImplementedError
+
+    def _pooled_loss(self, logits: torch.Tensor, mask: torch.Tensor, interval: torch.Tensor):
+        """(interval loss, pooled fraction (B,)) of one dense logit map."""
+        log_f, log_not_f = pooled_log_fractions(logits, mask)
+        f = log_f.exp()
+        log_pred = (log_f, log_not_f) if self.saturation_safe_loss else None
+        return interval_regression_loss(f, interval, band=self.interval_band, log_pred=log_pred), f
 
     # ---------------------------------------------------------------- weak labels and data
     def locate_weak_labels(self) -> str:
