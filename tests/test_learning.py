@@ -35,11 +35,12 @@ def _untrained_region_mae(ws, dataset, val_keys, monkeypatch):
 def test_short_training_lowers_region_error(weak3d, monkeypatch):
     ws, dataset = weak3d
     # 300 iterations on 4 training cases; fold 0 holds out 2 cases (10 lobes), validated in full every epoch.
-    # Seeded, and at lr 1e-3: with nnU-Net's 1e-2 one of three seeds ended with a dead map (every lobe ~0 %) at this
-    # budget; at 1e-3 seeds 0/1/2 gave 0.46/0.52/0.59 x the untrained error, r 0.92/0.90/0.96 (docs/results.md)
+    # Seeded, at nnU-Net's learning rate 1e-2. With the linear hinge one of three seeds ended with a dead map (every
+    # lobe ~0 %); with the log-domain continuation seeds 0/1/2 gave 0.32/0.35/0.59 x the untrained error, r
+    # 0.97/0.93/0.62 (docs/results.md)
     ws.run("nnUNetv2_train", dataset[7:10], "3d_fullres", "0", "-tr", "DRAMTrainer", "-p", "nnUNetPlans_quick",
            "-device", "cpu", NNUNETV2_DRAM_EPOCHS=12, NNUNETV2_DRAM_ITERATIONS=25, NNUNETV2_DRAM_VAL_ITERATIONS=5,
-           NNUNETV2_DRAM_SEED=0, NNUNETV2_DRAM_LR=1e-3)
+           NNUNETV2_DRAM_SEED=0)
     fold = ws.results / dataset / "DRAMTrainer__nnUNetPlans_quick__3d_fullres" / "fold_0"
     trained = json.loads((fold / "validation" / "region_fractions.json").read_text())
     val_keys = sorted(trained["cases"])
@@ -51,9 +52,8 @@ def test_short_training_lowers_region_error(weak3d, monkeypatch):
     pairs = np.array([(r["predicted_percent"], np.mean(r["target"])) for c in trained["cases"].values()
                       for r in c.values() if "target" in r])
     assert np.corrcoef(pairs[:, 0], pairs[:, 1])[0, 1] > 0.6
-    # the per-epoch log shows the validation error well below the untrained one (epoch 0 is logged after 25
-    # iterations and is already low: measured 10.6, last four epochs 11.3 on average)
+    # the per-epoch log shows the validation error well below the untrained one (measured: 15.4 after the first 25
+    # iterations, 9.2 on average over the last four epochs)
     log = "".join(p.read_text() for p in sorted(fold.glob("training_log_*.txt")))
-    assert "initial learning rate from the environment: 0.001" in log
     maes = [float(l.split(" val ")[1].split()[0]) for l in log.splitlines() if "Region-% MAE train" in l]
     assert len(maes) == 12 and np.mean(maes[-4:]) < 0.7 * untrained, (maes, untrained)
