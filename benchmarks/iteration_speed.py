@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-TRAINERS = ["nnUNetTrainerBudget", "DRAMTrainer", "DRAMTrainerCoarseRefine", "DRAMTrainerNoRefine", "CAMTrainer"]
+TRAINERS = ["nnUNetTrainerBudget", "DRAMTrainer", "DRAMTrainerFullRefine", "DRAMTrainerNoRefine", "CAMTrainer"]
 
 
 def prepare(workspace: Path, dataset_id: int, shape, n_cases: int, plans: str, configuration: str) -> str:

@@ -2,7 +2,7 @@
 
 DRAMTrainer = nnU-Net's network + attention + dense CRF. `iteration_speed.py` gives the whole step; this script
 splits the refinement: the attention module and the trainable CRF, each forward only and forward + backward, at full
-resolution and on DRAMTrainerCoarseRefine's coarser grid, with the modules exactly as the trainers build them
+resolution (DRAMTrainerFullRefine) and on DRAMTrainer's 2x coarser grid, with the modules exactly as the trainers build them
 (`DenseRegressionNetwork._refine` with the default attention and CRF settings). The input is what the trainer
 feeds them: a dRAM logit map, the image plus the first-stage features (1 + features channels) and the image as the
 CRF's guide, at the patch, batch and spacing given. Minimum over `--repeats` (CUDA synchronised).
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     ap.add_argument("--features", type=int, default=32, help="first-stage feature channels of the U-Net")
     ap.add_argument("--spacing", type=float, nargs=3, default=(2.0, 0.8, 0.8), help="mm per voxel (z, y, x)")
     ap.add_argument("--downsample", type=int, nargs="+", default=[1, 2],
-                    help="refine_downsample values to time (1: DRAMTrainer, 2: DRAMTrainerCoarseRefine)")
+                    help="refine_downsample values to time (1: DRAMTrainerFullRefine, 2: DRAMTrainer)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--json", default=None)

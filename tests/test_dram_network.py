@@ -1,4 +1,4 @@
-"""DenseRegressionNetwork's refinement on a coarser grid (DRAMTrainerCoarseRefine): shapes, spacing, gradients."""
+"""DenseRegressionNetwork's refinement on a coarser grid (DRAMTrainer's default): shapes, spacing, gradients."""
 import pytest
 import torch
 from torch import nn
