@@ -199,27 +199,24 @@ class LocalAffinityAttention(nn.Module):
         self.theta = conv(in_channels, proj_channels, kernel_size=1)
         self.phi = conv(in_channels, proj_channels, kernel_size=1) if similarity == "relu_dot" else None
         self.mix_logit = nn.Parameter(torch.tensor(math.log(init_mix / (1.0 - init_mix))))
+        self._invalid_cache: tuple | None = None  # (shape, device) -> mask of neighbours outside the volume
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, neighbours={len(self.offsets)}, iterations={self.iterations}, "
                 f"downsample={self.downsample}, similarity={self.similarity!r}")
 
     # ------------------------------------------------------------------------------------------------ helpers
-    def _shifted(self, padded: torch.Tensor, offset: Sequence[int]) -> torch.Tensor:
-        shape = padded.shape[2:]
-        index = (slice(None), slice(None)) + tuple(
-            slice(self.pad + o, size - self.pad + o) for o, size in zip(offset, shape))
-        return padded[index]
-
-    def _padded(self, x: torch.Tensor) -> torch.Tensor:
-        return F.pad(x, [self.pad] * (2 * self.dim))
-
     def _invalid_neighbours(self, shape, device) -> torch.Tensor:
-        """(1, K, *S) True where offset k of voxel i points outside the volume."""
+        """(1, K, *S) True where offset k of voxel i points outside the volume; kept for the last shape seen, since
+        training calls this every step with the same patch size."""
+        key = (tuple(shape), torch.device(device))
+        if self._invalid_cache is not None and self._invalid_cache[0] == key:
+            return self._invalid_cache[1]
         invalid = torch.ones((1, len(self.offsets)) + tuple(shape), dtype=torch.bool, device=device)
         for k, offset in enumerate(self.offsets):
             inside = tuple(slice(max(0, -o), size - max(0, o)) for o, size in zip(offset, shape))
             invalid[(0, k) + inside] = False
+        self._invalid_cache = (key, invalid)
         return invalid
 
     def affinities(self, features: torch.Tensor) -> torch.Tensor:
@@ -231,8 +228,8 @@ class LocalAffinityAttention(nn.Module):
             distances = _NeighbourSquaredDistances.apply(embedded, self.offsets[1:], self.pad)
             scores = torch.cat([torch.zeros_like(distances[:, :1]), distances], 1).float() * -scale
         else:
-            padded_key = self._padded(self.phi(features))
-            scores = torch.cat([F.relu((embedded * self._shifted(padded_key, o)).sum(1, keepdim=True)).float()
+            padded_key = _pad(self.phi(features), self.pad)
+            scores = torch.cat([F.relu((embedded * _shifted_view(padded_key, o, self.pad)).sum(1, keepdim=True)).float()
                                 for o in self.offsets], 1) * scale
         scores = scores.masked_fill(self._invalid_neighbours(features.shape[2:], features.device), float("-inf"))
         return torch.softmax(scores, dim=1)
