@@ -4,17 +4,19 @@
 # Here, once:   bash ../shared/device/prepare-site.sh          (packs nnU-Net & co. into .whl/, git-ignored)
 #               /root/.pyenv/versions/3.12.1/bin/python -m pip wheel pydensecrf2==1.1 -w .whl/   (optional, 49 s)
 # Device call:  run(command="bash benchmarks/gpu_session.sh speed", carry=[".whl"], timeout_s=580)
-#   speed   (~8 min): 0. the refinement's parts alone (refinement_speed.py, seconds)
-#                     1. time per iteration of all trainers on nnU-Net's full plans (96x192x192 synthetic CTs):
+#   speed   (~8 min): 0. the refinement's parts alone (refinement_speed.py, seconds, loop vs stacked offsets)
+#                     1. time per iteration of stock, DRAM, NoRefine, CAM on nnU-Net's full plans (96x192x192 CTs):
 #                        the nnUNetv2_train loop and the train step alone (iteration_speed.py --mode both)
 #                     2. dense CRF on a 300x512x512 CT: torch CRF on the GPU vs pydensecrf on that machine's CPU
 #                     3. pseudo-label throughput (cases/minute) of the DRAMTrainer model from 1, GPU vs CPU
 #   small   (a second call): speed, then a short DRAM-vs-CAM-vs-fully-supervised quality run
 #   compile (a second call): also DRAMTrainer under torch.compile (nnUNet_compile=t; off by default for our
 #            trainers since it had not finished 3 short epochs in 170 s on an H200, 2026-11-26)
+#   steps   (~3 min, fits what is left of a session after a first call): 0, then 1 as train steps only
+#            (no nnUNetv2_train loop) for nnUNetTrainer, DRAMTrainer and DRAMTrainerNoRefine on 5 cases
 #   dry     (here, CPU, ~6 min): every step at toy size, to check the script before spending device time
 # A step is skipped when fewer seconds than it needs remain of DEADLINE_S (default 520), so the call ends with
-# results inside the device tool's limit. Results: $OUT/*.json, $OUT/*.txt.
+# results inside the device tool's limit. Results: $OUT/*.json, $OUT/summary.txt (the tables), $OUT/logs.tar.gz.
 # Measured with this script: docs/benchmarks.md (H200, 2026-11-26).
 set -uo pipefail
 size=${1:-speed}
@@ -40,6 +42,11 @@ else
   export nnUNet_n_proc_DA=${nnUNet_n_proc_DA:-8} nnUNet_def_n_proc=8
 fi
 left() { echo $(( DEADLINE_S - ($(date +%s) - start) )); }
+finish() {  # the device tool returns at most 8 files: the JSONs, plus every log and table in one archive
+  (cd "$OUT" && cat ./*.txt > summary.txt.tmp 2>/dev/null; tar -czf logs.tar.gz ./*.log ./*.txt 2>/dev/null \
+    && rm -f ./*.log ./*.txt; mv summary.txt.tmp summary.txt)
+}
+trap finish EXIT
 step() {  # step NAME SECONDS_NEEDED: true when there is time for it
   local l; l=$(left)
   if [ "$l" -lt "$2" ]; then echo "SKIPPED $1: ${l} s left, needs ~$2 s" | tee -a "$OUT/skipped.txt"; return 1; fi
@@ -53,11 +60,21 @@ python3 -c "import torch, nnunetv2, platform; print('torch', torch.__version__, 
 crop="96 160 160"; [ "$size" = dry ] && crop="24 48 48"
 step "refinement parts" 30 && timeout 120 python3 benchmarks/refinement_speed.py --device $device --shape $crop \
   --features 32 --json "$OUT/refinement_speed.json" > "$OUT/refinement_speed.log" 2>&1
-tail -6 "$OUT/refinement_speed.log" | tee "$OUT/refinement_speed.txt"
+tail -10 "$OUT/refinement_speed.log" | tee "$OUT/refinement_speed.txt"
+
+if [ "$size" = steps ]; then  # the train step alone, 3 trainers, then stop
+  step "train steps" 0 && nnUNet_compile=f python3 benchmarks/iteration_speed.py --device $device --plans $plans \
+    --shape $shape --cases 5 --mode steps --steps 20 --workspace "$ws" --json "$OUT/train_steps.json" \
+    --trainers nnUNetTrainerBudget DRAMTrainer DRAMTrainerNoRefine > "$OUT/train_steps.log" 2>&1
+  tail -6 "$OUT/train_steps.log" | tee "$OUT/train_steps.txt"
+  echo "total $(( $(date +%s) - start )) s"
+  exit 0
+fi
 
 # 1. time per training iteration, side by side (epoch 0 = start-up/cudnn autotuning is dropped; no compile here)
 step "iteration speed" 0 && nnUNet_compile=f python3 benchmarks/iteration_speed.py --device $device --plans $plans \
   --shape $shape --cases $cases --epochs 3 --iterations $its --mode both --steps 20 --workspace "$ws" \
+  --trainers nnUNetTrainerBudget DRAMTrainer DRAMTrainerNoRefine CAMTrainer \
   --json "$OUT/iteration_speed.json" > "$OUT/iteration_speed.log" 2>&1
 tail -9 "$OUT/iteration_speed.log" | tee "$OUT/iteration_speed.txt"
 

@@ -37,6 +37,8 @@ class DenseRegressionNetwork(nn.Module):
         self.dim = dim
         self.refine = refine
         self.register_buffer("spacing", torch.tensor(list(spacing), dtype=torch.float32), persistent=False)
+        # the CRF needs the spacing on the host: reading the buffer back from the GPU every step would stall it
+        self.spacing_mm = tuple(float(s) for s in spacing)
         self.output_map = "refined" if refine else "dram"  # what forward(x) hands to nnU-Net's predictor
         if refine:
             from nnunetv2_dram.building_blocks.dense_crf import TrainableDenseCRF
@@ -89,7 +91,7 @@ class DenseRegressionNetwork(nn.Module):
         if self.refine:
             # the attention only reads the backbone's features: it must not reshape them to suit itself
             feats = x if low is None else torch.cat([x, low.detach().to(x.dtype)], dim=1)
-            attended, refined = self._refine(dram, feats, x[:, :1], self.spacing if spacing is None else spacing)
+            attended, refined = self._refine(dram, feats, x[:, :1], self.spacing_mm if spacing is None else spacing)
         if return_all:
             return {"dram": outs, "attended": attended, "refined": refined}
         final = refined if (refined is not None and self.output_map == "refined") else dram

@@ -64,13 +64,17 @@ symmetric, so only one of each pair of mirrored offsets is stored: about ((n_off
 (62 stored offsets in 3-D with window 2; `kernel_dtype=torch.float16` halves the stack). The message operator is
 symmetric too, so its backward pass is the same operator applied to the incoming gradient (a custom autograd
 function): autograd keeps no per-offset tensors, only O(voxels) per iteration. For volumes that do not fit,
-`refine_large` processes overlapping tiles without gradients.
+`refine_large` processes overlapping tiles without gradients. On CUDA, volumes up to
+offset_windows.STACKED_MAX_VOXELS take the "stacked" path (`offset_mode`): all window weights stored (the voxel's own
+included, about n_offsets * voxels * 4 bytes) and each message one multiply-and-sum over a window view, so a message
+is a few kernel launches instead of a few per offset.
 
 Precision. The CRF runs in float32 (float64 for float64 inputs) with autocast disabled inside; it accepts fp16
 inputs and returns the input dtype.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from typing import Sequence
@@ -79,6 +83,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from nnunetv2_dram.building_blocks.offset_windows import (check_offset_mode, expand_to_window, use_stacked,
+                                                          window_dims, window_view)
 
 #: logit written for voxels outside the mask (sigmoid ~ 2e-9): clamped to background.
 OUTSIDE_MASK_LOGIT = -20.0
@@ -167,8 +174,9 @@ class _SymmetricOperatorFn(torch.autograd.Function):
 class _NormalisedSpatialKernel:
     """x -> D^-1/2 G D^-1/2 x with G a separable truncated Gaussian (zero padded) restricted to the mask."""
 
-    def __init__(self, mask: torch.Tensor, spacing: Sequence[float], sigma_mm: float):
+    def __init__(self, mask: torch.Tensor, spacing: Sequence[float], sigma_mm: float, stacked: bool = False):
         self.dim = mask.ndim - 2
+        self.stacked = stacked
         self.tap_values: list[list[float]] = []  # per axis: weights of offsets 0, 1, ..., radius
         self.radii: list[int] = []
         for step_mm in spacing:
@@ -180,6 +188,8 @@ class _NormalisedSpatialKernel:
         self.scale = torch.where(mask > 0, row_sums.clamp_min(1e-12).rsqrt(), torch.zeros_like(mask))
 
     def _convolve(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stacked:
+            return self._convolve_stacked(x)
         # Shifted in-place accumulation; torch's CPU conv3d has no fast path for 1-channel 1-D kernels.
         for axis, (taps, radius) in enumerate(zip(self.tap_values, self.radii)):
             pads = [radius if a == axis else 0 for a in range(self.dim)]
@@ -194,8 +204,35 @@ class _NormalisedSpatialKernel:
             x = out
         return x
 
+    def _convolve_stacked(self, x: torch.Tensor) -> torch.Tensor:
+        # one windowed multiply-and-sum per axis (a 1-channel conv would run in TF32 under cuDNN's defaults)
+        for axis, (taps, radius) in enumerate(zip(self.tap_values, self.radii)):
+            pads = [radius if a == axis else 0 for a in range(self.dim)]
+            kernel = _device_constant(tuple(taps[:0:-1] + taps), x.device, x.dtype)
+            x = (F.pad(x, _pad_arg(pads)).unfold(2 + axis, 2 * radius + 1, 1) * kernel).sum(-1)
+        return x
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.scale * self._convolve(self.scale * x)
+
+
+@functools.lru_cache(maxsize=64)
+def _device_constant(values: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A small constant tensor, copied to the device once: a host-to-device copy per call would make the CPU wait
+    for the GPU (a pageable copy synchronises the stream) and stop it from queueing work ahead."""
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def _bilateral_axis_taps(spacing: Sequence[float], sigma_mm: float, window: int, reach_sigmas: float):
+    """Per axis (number of taps per side n, stride in voxels, PSD tap weights for k = -n..n)."""
+    axis_taps = []
+    for step_mm in spacing:
+        reach_vox = reach_sigmas * sigma_mm / step_mm
+        stride = max(1, int(round(reach_vox / window)))
+        n_taps = min(window, int(round(reach_vox / stride)))
+        positions = np.arange(-n_taps, n_taps + 1) * stride
+        axis_taps.append((n_taps, stride, psd_gaussian_taps(positions * step_mm, sigma_mm)))
+    return axis_taps
 
 
 class _NormalisedBilateralKernel:
@@ -209,13 +246,8 @@ class _NormalisedBilateralKernel:
     def __init__(self, guide: torch.Tensor, mask: torch.Tensor | None, spacing: Sequence[float], sigma_mm: float,
                  intensity_sigma: float, window: int, reach_sigmas: float, kernel_dtype: torch.dtype):
         self.shape = tuple(guide.shape[2:])
-        axis_taps = []
-        for step_mm in spacing:
-            reach_vox = reach_sigmas * sigma_mm / step_mm
-            stride = max(1, int(round(reach_vox / window)))
-            n_taps = min(window, int(round(reach_vox / stride)))
-            positions = np.arange(-n_taps, n_taps + 1) * stride
-            axis_taps.append((positions, psd_gaussian_taps(positions * step_mm, sigma_mm)))
+        axis_taps = [(np.arange(-n, n + 1) * stride, weights)
+                     for n, stride, weights in _bilateral_axis_taps(spacing, sigma_mm, window, reach_sigmas)]
         self.pads = [int(positions.max()) for positions, _ in axis_taps]
         self.offsets: list[tuple[int, ...]] = []
         log_spatial_weights = []
@@ -268,6 +300,44 @@ class _NormalisedBilateralKernel:
         return self.scale * self._unnormalised(self.scale * x)
 
 
+class _StackedBilateralKernel:
+    """The operator of `_NormalisedBilateralKernel` from one window view per call (see offset_windows.py): the
+    weights of all (2n+1)^dim offsets are stored, the voxel itself included, twice the loop version's memory."""
+
+    def __init__(self, guide: torch.Tensor, mask: torch.Tensor | None, spacing: Sequence[float], sigma_mm: float,
+                 intensity_sigma: float, window: int, reach_sigmas: float, kernel_dtype: torch.dtype):
+        self.dim = guide.ndim - 2
+        axis_taps = _bilateral_axis_taps(spacing, sigma_mm, window, reach_sigmas)
+        self.taps = [n for n, _, _ in axis_taps]
+        self.strides = [stride for _, stride, _ in axis_taps]
+        self.pads = [n * stride for n, stride, _ in axis_taps]
+        # log of the separable spatial weight of every window offset, shaped like the window axes
+        log_spatial = torch.zeros((), dtype=guide.dtype, device=guide.device)
+        for axis, (_, _, weights) in enumerate(axis_taps):
+            shape = [1] * self.dim
+            shape[axis] = len(weights)
+            axis_log = _device_constant(tuple(np.log(weights).tolist()), guide.device, guide.dtype)
+            log_spatial = log_spatial + axis_log.view(shape)
+        pad_arg = _pad_arg(self.pads)
+        # Neighbours outside the volume get weight 0 through an infinite guide value: exp(-inf) = 0.
+        neighbours = window_view(F.pad(guide, pad_arg, value=float("inf")), self.pads, self.taps, self.strides)
+        squared = (expand_to_window(guide, self.dim) - neighbours).square_().sum(1, keepdim=True)
+        self.weights = squared.mul_(-1.0 / (2.0 * intensity_sigma ** 2)).add_(log_spatial).exp_().to(kernel_dtype)
+        if mask is not None:
+            mask_neighbours = window_view(F.pad(mask, pad_arg), self.pads, self.taps, self.strides)
+            self.weights.mul_(expand_to_window(mask, self.dim) * mask_neighbours)
+        self.scale = self.weights.sum(window_dims(self.dim), dtype=guide.dtype).clamp_min(1e-12).rsqrt()
+        if mask is not None:
+            self.scale = self.scale * mask
+
+    def _unnormalised(self, x: torch.Tensor) -> torch.Tensor:
+        neighbours = window_view(F.pad(x, _pad_arg(self.pads)), self.pads, self.taps, self.strides)
+        return (self.weights * neighbours).sum(window_dims(self.dim))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * self._unnormalised(self.scale * x)
+
+
 class TrainableDenseCRF(nn.Module):
     """Binary mean-field dense CRF with learnable kernel weights and label compatibility (see module docstring).
 
@@ -282,13 +352,16 @@ class TrainableDenseCRF(nn.Module):
         w_spatial, w_bilateral: initial (or, with learnable=False, fixed) kernel weights.
         learnable: whether kernel weights and compatibility are parameters (else buffers).
         kernel_dtype: storage dtype of the pre-computed bilateral weights (float16 halves their memory).
+        offset_mode: "auto" (default: one window view per message on CUDA, the per-offset loop otherwise),
+            "stacked" or "loop"; same numbers either way, see offset_windows.py.
     """
 
     def __init__(self, dim: int, iterations: int = 5, spatial_sigma_mm: float = 3.0, bilateral_sigma_mm: float = 8.0,
                  intensity_sigma: float = 0.15, window: int | None = None, bilateral_reach_sigmas: float = 1.5,
                  w_spatial: float = 3.0, w_bilateral: float = 5.0, learnable: bool = True,
-                 kernel_dtype: torch.dtype = torch.float32):
+                 kernel_dtype: torch.dtype = torch.float32, offset_mode: str = "auto"):
         super().__init__()
+        self.offset_mode = check_offset_mode(offset_mode)
         if dim not in (2, 3):
             raise ValueError(f"dim must be 2 or 3, got {dim}")
         if iterations < 0:
@@ -341,7 +414,7 @@ class TrainableDenseCRF(nn.Module):
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, iterations={self.iterations}, spatial_sigma_mm={self.spatial_sigma_mm}, "
                 f"bilateral_sigma_mm={self.bilateral_sigma_mm}, intensity_sigma={self.intensity_sigma}, "
-                f"window={self.window}")
+                f"window={self.window}, offset_mode={self.offset_mode!r}")
 
     # ----------------------------------------------------------------------------------------------- plumbing
     def _check_inputs(self, logits, guide, mask):
@@ -355,14 +428,15 @@ class TrainableDenseCRF(nn.Module):
                                  or mask.shape[2:] != logits.shape[2:] or mask.shape[0] not in (1, logits.shape[0])):
             raise ValueError(f"mask must be (B, 1, *S) matching logits {tuple(logits.shape)}; got {tuple(mask.shape)}")
 
-    def _operators(self, guide: torch.Tensor, mask: torch.Tensor, spacing: Sequence[float]):
+    def _operators(self, guide: torch.Tensor, mask: torch.Tensor, spacing: Sequence[float], all_inside: bool):
+        stacked = use_stacked(self.offset_mode, guide)
+        bilateral_kernel = _StackedBilateralKernel if stacked else _NormalisedBilateralKernel
         with torch.no_grad():
-            spatial = _NormalisedSpatialKernel(mask, spacing, self.spatial_sigma_mm)
-            all_inside = bool((mask > 0).all())
-            bilateral = _NormalisedBilateralKernel(guide, None if all_inside else mask, spacing,
-                                                   self.bilateral_sigma_mm, self.intensity_sigma,
-                                                   self.window, self.bilateral_reach_sigmas,
-                                                   torch.float64 if guide.dtype == torch.float64 else self.kernel_dtype)
+            spatial = _NormalisedSpatialKernel(mask, spacing, self.spatial_sigma_mm, stacked=stacked)
+            bilateral = bilateral_kernel(guide, None if all_inside else mask, spacing,
+                                         self.bilateral_sigma_mm, self.intensity_sigma,
+                                         self.window, self.bilateral_reach_sigmas,
+                                         torch.float64 if guide.dtype == torch.float64 else self.kernel_dtype)
         return spatial, bilateral
 
     @staticmethod
@@ -400,7 +474,7 @@ class TrainableDenseCRF(nn.Module):
         with torch.autocast(device_type=logits.device.type, enabled=False):
             unary = logits.to(dtype)
             inside = self._float_mask(mask, unary)
-            spatial, bilateral = self._operators(guide.detach().to(dtype), inside, spacing)
+            spatial, bilateral = self._operators(guide.detach().to(dtype), inside, spacing, mask is None)
             w_spatial, w_bilateral = self.kernel_weights.to(dtype).unbind(0)
             mu = self.symmetric_compatibility().to(dtype)
             # Binary update, with M = w_s K_s + w_b K_b:
@@ -440,7 +514,7 @@ class TrainableDenseCRF(nn.Module):
             inside = self._float_mask(mask, z)
             q1 = q.to(dtype).clamp(0.0, 1.0) * inside
             q0 = (1.0 - q.to(dtype).clamp(0.0, 1.0)) * inside
-            spatial, bilateral = self._operators(guide.detach().to(dtype), inside, spacing)
+            spatial, bilateral = self._operators(guide.detach().to(dtype), inside, spacing, mask is None)
             w_spatial, w_bilateral = self.kernel_weights.to(dtype).unbind(0)
             mu = self.symmetric_compatibility().to(dtype)
             messages = [w_spatial * _SymmetricOperatorFn.apply(ql, spatial)

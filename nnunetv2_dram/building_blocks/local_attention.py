@@ -33,7 +33,9 @@ Speed. The neighbour distances and the propagation are two custom autograd funct
 shifted slices of a padded tensor allocates and zero-fills a padded gradient per slice in the backward pass (it
 took 65% of the module's time on the CPU, backward 5x the forward); the custom backward passes accumulate into one
 padded buffer instead. The distance to neighbour -d is the distance to +d read one offset back, so only half of
-the offsets touch the d-channel features.
+the offsets touch the d-channel features. On CUDA, small grids (DRAMTrainer's coarse one) take the "stacked" path
+instead: all neighbours through one window view (offset_windows.py; `offset_mode`), a few kernels rather than a few
+per offset, with autograd's backward.
 
 Initialisation. Affinities from a randomly initialised projection on locally smooth features are close to uniform
 over similar neighbours, so the module starts as a mild edge-aware smoothing blended half with the identity (it
@@ -56,6 +58,9 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from nnunetv2_dram.building_blocks.offset_windows import (check_offset_mode, expand_to_window, use_stacked,
+                                                          window_dims, window_view)
 
 SIMILARITIES = ("distance", "relu_dot")
 
@@ -172,8 +177,9 @@ class LocalAffinityAttention(nn.Module):
 
     def __init__(self, in_channels: int, dim: int, proj_channels: int = 8, kernel_size: int = 3,
                  dilations: Sequence[int] = (1,), iterations: int = 1, downsample: int = 1,
-                 similarity: str = "distance", init_mix: float = 0.5):
+                 similarity: str = "distance", init_mix: float = 0.5, offset_mode: str = "auto"):
         super().__init__()
+        self.offset_mode = check_offset_mode(offset_mode)
         if dim not in (2, 3):
             raise ValueError(f"dim must be 2 or 3, got {dim}")
         if kernel_size < 1 or kernel_size % 2 == 0:
@@ -200,10 +206,13 @@ class LocalAffinityAttention(nn.Module):
         self.phi = conv(in_channels, proj_channels, kernel_size=1) if similarity == "relu_dot" else None
         self.mix_logit = nn.Parameter(torch.tensor(math.log(init_mix / (1.0 - init_mix))))
         self._invalid_cache: tuple | None = None  # (shape, device) -> mask of neighbours outside the volume
+        # one dilation: the offsets are a grid, so the stacked implementation (offset_windows.py) applies
+        self._grid = (kernel_size // 2, dilations[0]) if len(set(dilations)) == 1 else None
+        self._invalid_grid_cache: tuple | None = None
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, neighbours={len(self.offsets)}, iterations={self.iterations}, "
-                f"downsample={self.downsample}, similarity={self.similarity!r}")
+                f"downsample={self.downsample}, similarity={self.similarity!r}, offset_mode={self.offset_mode!r}")
 
     # ------------------------------------------------------------------------------------------------ helpers
     def _invalid_neighbours(self, shape, device) -> torch.Tensor:
@@ -237,7 +246,42 @@ class LocalAffinityAttention(nn.Module):
     def _propagate(self, weights: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         return _NeighbourWeightedSum.apply(weights, logits, self.offsets, self.pad)
 
+    def _window(self, x: torch.Tensor) -> torch.Tensor:
+        """All neighbours of x (B, C, *S) at once: (B, C, *S, *(kernel_size,) * dim), zeros outside the volume."""
+        taps, stride = self._grid
+        return window_view(_pad(x, self.pad), [self.pad] * self.dim, [taps] * self.dim, [stride] * self.dim)
+
+    def _invalid_window(self, shape, device) -> torch.Tensor:
+        """(*S, *window) True where the neighbour lies outside the volume (kept for the last shape seen)."""
+        key = (tuple(shape), torch.device(device))
+        if self._invalid_grid_cache is None or self._invalid_grid_cache[0] != key:
+            inside = self._window(torch.ones((1, 1) + tuple(shape), device=device))[0, 0] > 0.5
+            self._invalid_grid_cache = (key, ~inside)
+        return self._invalid_grid_cache[1]
+
+    def _refine_stacked(self, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """`_refine` with every neighbour read through one window view (a few kernels instead of a few per
+        offset); the same numbers up to float rounding, with autograd's backward."""
+        embedded = self.theta(features).float()
+        scale = 1.0 / math.sqrt(self.proj_channels)
+        if self.similarity == "distance":
+            differences = expand_to_window(embedded, self.dim) - self._window(embedded)
+            scores = differences.square().sum(1) * -scale
+        else:
+            products = expand_to_window(embedded, self.dim) * self._window(self.phi(features).float())
+            scores = F.relu(products.sum(1)) * scale
+        scores = scores.masked_fill(self._invalid_window(features.shape[2:], features.device), float("-inf"))
+        weights = torch.softmax(scores.flatten(-self.dim), -1).view_as(scores).unsqueeze(1)
+        mix = torch.sigmoid(self.mix_logit.float())
+        refined = logits.float()
+        for _ in range(self.iterations):
+            propagated = (weights * self._window(refined)).sum(window_dims(self.dim))
+            refined = refined + mix * (propagated - refined)
+        return refined
+
     def _refine(self, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        if self._grid is not None and use_stacked(self.offset_mode, logits):
+            return self._refine_stacked(logits, features)
         weights = self.affinities(features)
         mix = torch.sigmoid(self.mix_logit.float())
         refined = logits.float()

@@ -25,11 +25,12 @@ def self_training_loss(refined_logits: torch.Tensor, dram_logits: torch.Tensor, 
         valid = (mask > 0.5) & confident
         pos = (target > 0.5) & valid
         neg = (target <= 0.5) & valid
-        n_pos, n_neg = pos.sum().clamp_min(1), neg.sum().clamp_min(1)
-        # each class carries half of the loss, whatever its voxel count
-        weight = pos.float() * (0.5 / n_pos) + neg.float() * (0.5 / n_neg)
-        if pos.sum() == 0 or neg.sum() == 0:
-            weight = valid.float() / valid.sum().clamp_min(1)
+        n_pos, n_neg = pos.sum(), neg.sum()
+        # each class carries half of the loss, whatever its voxel count; with one class absent, every valid voxel
+        # the same (torch.where, not `if`: a Python branch on a GPU value would stall the CPU every step)
+        balanced = pos.float() * (0.5 / n_pos.clamp_min(1)) + neg.float() * (0.5 / n_neg.clamp_min(1))
+        uniform = valid.float() / valid.sum().clamp_min(1)
+        weight = torch.where((n_pos > 0) & (n_neg > 0), balanced, uniform)
         q = torch.sigmoid(refined_logits.float()).detach()
         soft_target = bootstrap * target + (1 - bootstrap) * q
     loss = F.binary_cross_entropy_with_logits(refined_logits.float(), soft_target, reduction="none")

@@ -1,0 +1,70 @@
+"""Every neighbour of a regular grid of offsets as one strided view, so that a sum over offsets is one kernel.
+
+The dense CRF and the attention sum over a window of neighbour offsets. Looping over the offsets issues a few small
+kernels per offset (about 2,500 per training step for attention + CRF): cheap on a CPU, where the loop's in-place
+accumulation keeps memory at O(voxels), but on a GPU the refinement is then bound by kernel launches -- on an H200
+(2026-11-27) the refinement on DRAMTrainer's half-resolution grid, 1/8 of the voxels, still took 0.053 s against
+0.094 s at full resolution, and it doubled the time of a training step. When the offsets form a grid -- per axis
+k * stride for k = -n..n -- `window_view` returns all neighbours at once as a view of the padded tensor (no copy):
+
+    view[b, c, *i, *t] = padded[b, c, *(pad + i + (t - n) * stride)]
+
+so a weighted sum over the window is one multiply and one reduction, whatever the number of offsets, at the price of
+a (window size x voxels) temporary. `OFFSET_MODES` picks the implementation: "loop" (low memory), "stacked" (few
+kernels), "auto" (stacked for CUDA tensors of at most STACKED_MAX_VOXELS voxels, the loop otherwise).
+
+Measured on an H200 (2026-11-27, benchmarks/refinement_speed.py, attention + CRF forward + backward as trained,
+batch 2): on DRAMTrainer's coarse grid (2 x 48x80x80 = 0.6 M voxels) stacked 0.020 s vs loop 0.065 s; at full
+resolution (2 x 96x160x160 = 4.9 M voxels), where the temporaries' memory traffic dominates, stacked 0.119 s vs loop
+0.095 s. The threshold sits between the two, below the 2^21-voxel tiles of `TrainableDenseCRF.refine_large`
+(whose full-CT timing, 47-53x pydensecrf, was measured with the loop). On the CPU the loop is faster at every size (0.11 vs 0.75 s, 1 thread).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+OFFSET_MODES = ("auto", "loop", "stacked")
+STACKED_MAX_VOXELS = 2 ** 20  # batch x spatial voxels up to which "auto" stacks on CUDA
+
+
+def check_offset_mode(mode: str) -> str:
+    if mode not in OFFSET_MODES:
+        raise ValueError(f"offset_mode must be one of {OFFSET_MODES}, got {mode!r}")
+    return mode
+
+
+def use_stacked(mode: str, tensor: torch.Tensor) -> bool:
+    """Whether the stacked (one-view) implementation serves `tensor` (B, C, *S) under `mode`."""
+    if mode != "auto":
+        return mode == "stacked"
+    return tensor.is_cuda and tensor.numel() // max(1, tensor.shape[1]) <= STACKED_MAX_VOXELS
+
+
+def window_view(padded: torch.Tensor, pads: Sequence[int], taps: Sequence[int], strides: Sequence[int]
+                ) -> torch.Tensor:
+    """(B, C, *(S + 2 * pads)) -> view (B, C, *S, *(2 * taps + 1)) of the offsets (k - taps) * stride per axis.
+
+    Needs pads[a] >= taps[a] * strides[a]; the window axes come last, in the order of the spatial axes.
+    """
+    view = padded
+    for axis, (pad, n, stride) in enumerate(zip(pads, taps, strides)):
+        reach = n * stride
+        if reach > pad:
+            raise ValueError(f"axis {axis}: window reach {reach} exceeds the padding {pad}")
+        size = padded.shape[2 + axis] - 2 * pad
+        view = view.narrow(2 + axis, pad - reach, size + 2 * reach).unfold(2 + axis, 2 * reach + 1, 1)
+        if stride > 1:
+            view = view[..., ::stride]
+    return view
+
+
+def window_dims(dim: int) -> tuple[int, ...]:
+    """The window axes of a `window_view` result (the last `dim`)."""
+    return tuple(range(-dim, 0))
+
+
+def expand_to_window(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """(B, C, *S) -> (B, C, *S, 1, ..., 1), broadcastable against a window view."""
+    return x.reshape(tuple(x.shape) + (1,) * dim)
