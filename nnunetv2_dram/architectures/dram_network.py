@@ -36,8 +36,8 @@ class DenseRegressionNetwork(nn.Module):
         self.backbone = backbone
         self.dim = dim
         self.refine = refine
-        self.register_buffer("spacing", torch.tensor(list(spacing), dtype=torch.float32), persistent=False)
-        # the CRF needs the spacing on the host: reading the buffer back from the GPU every step would stall it
+        # kept on the host (not a buffer): the CRF builds its kernels from it, and reading a GPU tensor back every
+        # step would make the CPU wait for the GPU
         self.spacing_mm = tuple(float(s) for s in spacing)
         self.output_map = "refined" if refine else "dram"  # what forward(x) hands to nnU-Net's predictor
         if refine:

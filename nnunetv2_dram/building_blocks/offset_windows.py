@@ -1,7 +1,7 @@
 """Every neighbour of a regular grid of offsets as one strided view, so that a sum over offsets is one kernel.
 
 The dense CRF and the attention sum over a window of neighbour offsets. Looping over the offsets issues a few small
-kernels per offset (about 2,500 per training step for attention + CRF): cheap on a CPU, where the loop's in-place
+kernels per offset (8,542 torch operators per forward + backward of attention + CRF as DRAMTrainer trains them): cheap on a CPU, where the loop's in-place
 accumulation keeps memory at O(voxels), but on a GPU the refinement is then bound by kernel launches -- on an H200
 (2026-11-27) the refinement on DRAMTrainer's half-resolution grid, 1/8 of the voxels, still took 0.053 s against
 0.094 s at full resolution, and it doubled the time of a training step. When the offsets form a grid -- per axis
@@ -17,7 +17,8 @@ Measured on an H200 (2026-11-27, benchmarks/refinement_speed.py, attention + CRF
 batch 2): on DRAMTrainer's coarse grid (2 x 48x80x80 = 0.6 M voxels) stacked 0.020 s vs loop 0.065 s; at full
 resolution (2 x 96x160x160 = 4.9 M voxels), where the temporaries' memory traffic dominates, stacked 0.119 s vs loop
 0.095 s. The threshold sits between the two, below the 2^21-voxel tiles of `TrainableDenseCRF.refine_large`
-(whose full-CT timing, 47-53x pydensecrf, was measured with the loop). On the CPU the loop is faster at every size (0.11 vs 0.75 s, 1 thread).
+(whose full-CT timing, 47-53x pydensecrf, was measured with the loop). On the CPU the loop is faster at every size
+(coarse grid, 1 thread: 0.11 vs 0.75 s).
 """
 from __future__ import annotations
 
