@@ -4,12 +4,14 @@
 # Here, once:   bash ../shared/device/prepare-site.sh          (packs nnU-Net & co. into .whl/, git-ignored)
 #               /root/.pyenv/versions/3.12.1/bin/python -m pip wheel pydensecrf2==1.1 -w .whl/   (optional, 49 s)
 # Device call:  run(command="bash benchmarks/gpu_session.sh speed", carry=[".whl"], timeout_s=580)
-#   speed   (~8 min): 0. the refinement's parts alone (refinement_speed.py, seconds, loop vs stacked offsets)
+#   speed   (~8 min): 0. the refinement's parts alone (refinement_speed.py, seconds, loop vs stacked offsets,
+#                        5/3/2 CRF iterations)
 #                     1. time per iteration of stock, DRAM, NoRefine, CAM on nnU-Net's full plans (96x192x192 CTs):
 #                        the nnUNetv2_train loop and the train step alone (iteration_speed.py --mode both)
 #                     2. dense CRF on a 300x512x512 CT: torch CRF on the GPU vs pydensecrf on that machine's CPU
 #                     3. pseudo-label throughput (cases/minute) of the DRAMTrainer model from 1, GPU vs CPU (1 case)
-#   small   (a second call): speed, then a short DRAM-vs-CAM-vs-fully-supervised quality run
+#   small   (its own call, ~8 min): only a short DRAM-vs-CAM-vs-fully-supervised quality run (3-D CTSS, quick
+#            plans, 12 x 60 iterations per stage = 1.5x the CPU runs' budget); rows are saved as they finish
 #   compile (a second call): also DRAMTrainer under torch.compile (nnUNet_compile=t; off by default for our
 #            trainers since it had not finished 3 short epochs in 170 s on an H200, 2026-11-26)
 #   steps   (~3 min, fits what is left of a session after a first call): 0, then 1 as train steps only
@@ -56,11 +58,24 @@ python3 -c "import torch, nnunetv2, platform; print('torch', torch.__version__, 
 '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda', '|', __import__('os').cpu_count(), 'cpus')" \
   | tee "$OUT/device.txt"
 
+quality() {  # quality TRAIN TEST "SHAPE" EPOCHS ITERATIONS: DRAM vs CAM vs fully supervised, held-out synthetic CTs
+  step "quality" 60 && timeout $(( $(left) - 10 )) python3 benchmarks/quality.py --device $device --preset quick \
+    --train $1 --test $2 --shape $3 --epochs $4 --iterations $5 --targets ctss \
+    --workspace "$ws/quality" --json "$OUT/quality.json" > "$OUT/quality.log" 2>&1
+  echo "exit $?" >> "$OUT/quality.log"
+  tail -18 "$OUT/quality.log" | tee "$OUT/quality.txt"
+}
+if [ "$size" = small ]; then  # alone: with the speed steps it does not fit one call
+  quality 16 6 "48 128 128" 12 60
+  echo "total $(( $(date +%s) - start )) s"
+  exit 0
+fi
+
 # 0. the refinement's parts alone (attention, CRF; full and coarse grid) at the full plans' patch: seconds
 crop="96 160 160"; [ "$size" = dry ] && crop="24 48 48"
 step "refinement parts" 30 && timeout 120 python3 benchmarks/refinement_speed.py --device $device --shape $crop \
-  --features 32 --json "$OUT/refinement_speed.json" > "$OUT/refinement_speed.log" 2>&1
-tail -10 "$OUT/refinement_speed.log" | tee "$OUT/refinement_speed.txt"
+  --features 32 --crf-iterations 5 3 2 --json "$OUT/refinement_speed.json" > "$OUT/refinement_speed.log" 2>&1
+tail -20 "$OUT/refinement_speed.log" | tee "$OUT/refinement_speed.txt"
 
 if [ "$size" = steps ]; then  # the train step alone, 3 trainers, then stop
   step "train steps" 0 && nnUNet_compile=f python3 benchmarks/iteration_speed.py --device $device --plans $plans \
@@ -114,12 +129,5 @@ if [ "$size" = compile ] && step "DRAMTrainer with torch.compile" 150; then
   tail -4 "$OUT/iteration_speed_compiled.log" | tee "$OUT/iteration_speed_compiled.txt"
 fi
 
-if [ "$size" = small ] || [ "$size" = dry ]; then
-  # 5. a short quality run: DRAM vs CAM vs fully supervised on held-out synthetic CTs
-  qargs="--train 16 --test 6 --shape 48 128 128 --epochs 10 --iterations 50"
-  [ "$size" = dry ] && qargs="--train 4 --test 2 --shape 32 64 64 --epochs 1 --iterations 3"
-  step "quality" 0 && python3 benchmarks/quality.py --device $device --preset quick $qargs --workspace "$ws" \
-    --json "$OUT/quality.json" > "$OUT/quality.log" 2>&1
-  tail -16 "$OUT/quality.log" | tee "$OUT/quality.txt"
-fi
+if [ "$size" = dry ]; then quality 4 2 "32 64 64" 1 3; fi
 echo "total $(( $(date +%s) - start )) s"

@@ -67,6 +67,8 @@ def main(argv=None) -> int:
                     help="refine_downsample values to time (1: DRAMTrainerFullRefine, 2: DRAMTrainer)")
     ap.add_argument("--offset-modes", nargs="+", default=["loop", "stacked"], choices=("loop", "stacked"),
                     help="implementations of the sums over neighbour offsets (offset_windows.py) to time side by side")
+    ap.add_argument("--crf-iterations", type=int, nargs="+", default=[5],
+                    help="mean-field iterations of the CRF to time (5: the trainers' default)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--json", default=None)
@@ -84,10 +86,11 @@ def main(argv=None) -> int:
     low = torch.randn(args.batch, args.features, *shape, device=device)
     feats = torch.cat([image, low], 1)
     rows = []
-    for mode, k in [(mode, k) for mode in args.offset_modes for k in args.downsample]:
+    for mode, k, iters in [(mode, k, i) for mode in args.offset_modes for k in args.downsample
+                           for i in args.crf_iterations]:
         net = DenseRegressionNetwork(nn.Identity(), 3, args.spacing, 1, args.features, refine=True,
                                      refine_downsample=k, attention_kwargs={"offset_mode": mode},
-                                     crf_kwargs={"offset_mode": mode}).to(device)
+                                     crf_kwargs={"offset_mode": mode, "iterations": iters}).to(device)
         spacing = net.spacing_mm
         dram = torch.randn(args.batch, 1, *shape, device=device, requires_grad=True)
 
@@ -112,11 +115,11 @@ def main(argv=None) -> int:
         parts = [("attention", attention_forward, attention_backward), ("dense CRF", crf_forward, crf_backward),
                  ("attention + CRF (as trained)", None, refine_backward)]
         for name, forward, backward in parts:
-            if k > 1 and name != "attention + CRF (as trained)":
-                continue  # the coarse grid only matters for the combined path
+            if (k > 1 or iters != args.crf_iterations[0]) and name != "attention + CRF (as trained)":
+                continue  # the coarse grid and other CRF lengths only matter for the combined path
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            row = {"part": name, "offset_mode": mode, "refine_downsample": k,
+            row = {"part": name, "offset_mode": mode, "refine_downsample": k, "crf_iterations": iters,
                    "forward_s": round(timed(forward, device, args.repeats), 4) if forward else None,
                    "forward_backward_s": round(timed(backward, device, args.repeats), 4),
                    "ops_forward_backward": count_ops(backward)}
@@ -126,10 +129,12 @@ def main(argv=None) -> int:
             print(row, flush=True)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"\n{name}; torch {torch.__version__}; batch {args.batch} x {shape}, {1 + args.features} feature channels")
-    print(f"{'part':30s} {'offsets':>8s} {'grid':>5s} {'fwd s':>8s} {'fwd+bwd s':>10s} {'torch ops':>10s}")
+    print(f"{'part':30s} {'offsets':>8s} {'grid':>5s} {'CRF its':>7s} {'fwd s':>8s} {'fwd+bwd s':>10s} "
+          f"{'torch ops':>10s}")
     for r in rows:
         fwd = "-" if r["forward_s"] is None else f"{r['forward_s']:.4f}"
-        print(f"{r['part']:30s} {r['offset_mode']:>8s} {'/' + str(r['refine_downsample']):>5s} {fwd:>8s} "
+        print(f"{r['part']:30s} {r['offset_mode']:>8s} {'/' + str(r['refine_downsample']):>5s} "
+              f"{r['crf_iterations']:7d} {fwd:>8s} "
               f"{r['forward_backward_s']:10.4f} {r['ops_forward_backward']:10d}")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": name, "torch": torch.__version__, "python":
