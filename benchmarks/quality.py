@@ -178,9 +178,9 @@ def main(argv=None) -> int:
     ap.add_argument("--train", type=int, default=16)
     ap.add_argument("--test", type=int, default=6)
     ap.add_argument("--shape", type=int, nargs=3, default=(48, 128, 128))
-    # A 2-D case is one slice: 16 of them hold fewer voxels than one 3-D case, and a 2-D iteration sees ~1/20 of a
-    # 3-D one's voxels. With the 3-D counts even the fully supervised 2-D network often learned nothing in 480
-    # iterations (docs/benchmarks.md), so 2-D runs take their own counts.
+    # A 2-D case is one slice: 16 of them hold fewer voxels than one 3-D case. With the 3-D counts even the fully
+    # supervised 2-D network learned nothing in one of two runs of 480 iterations (docs/benchmarks.md), so 2-D runs
+    # take their own counts.
     ap.add_argument("--train-2d", type=int, default=96, help="training cases (slices) of a 2-D run")
     ap.add_argument("--test-2d", type=int, default=24, help="test cases (slices) of a 2-D run")
     ap.add_argument("--iterations-2d", type=int, default=None,
