@@ -10,12 +10,17 @@
 #                        the nnUNetv2_train loop and the train step alone (iteration_speed.py --mode both)
 #                     2. dense CRF on a 300x512x512 CT: torch CRF on the GPU vs pydensecrf on that machine's CPU
 #                     3. pseudo-label throughput (cases/minute) of the DRAMTrainer model from 1, GPU vs CPU (1 case)
-#   small   (its own call, ~8 min): only a short DRAM-vs-CAM-vs-fully-supervised quality run (3-D CTSS, quick
-#            plans, 12 x 60 iterations per stage = 1.5x the CPU runs' budget); rows are saved as they finish
+#   small   only a short DRAM-vs-CAM-vs-fully-supervised quality run (3-D CTSS, quick plans, 12 x 60 iterations
+#            per stage = 1.5x the CPU runs' budget); rows are saved as they finish. It needs ~13 min, more than one
+#            call: its workspace lies in the repository (.gpu_workspace/, git-ignored), which a warm machine keeps, so
+#            a second `small` call right after the first (the machine is released after 30 s idle) resumes it:
+#            finished trainings and pseudo-label sets are skipped. On 2026-11-27 one call reached 9 of 15 rows.
 #   compile (a second call): also DRAMTrainer under torch.compile (nnUNet_compile=t; off by default for our
 #            trainers since it had not finished 3 short epochs in 170 s on an H200, 2026-11-26)
-#   steps   (~3 min, fits what is left of a session after a first call): 0, then 1 as train steps only
-#            (no nnUNetv2_train loop) for nnUNetTrainer, DRAMTrainer and DRAMTrainerNoRefine on 5 cases
+#   steps   (~4 min, fits what is left of a session after a first call): the refinement as trained (coarse grid,
+#            stacked, 5/3/2 CRF iterations, eager vs CUDA graph + their difference), then train steps only (no
+#            nnUNetv2_train loop) for nnUNetTrainer, DRAMTrainer, DRAMTrainer with the CUDA graph
+#            (NNUNETV2_DRAM_CUDA_GRAPHS=1) and DRAMTrainerNoRefine on 5 cases, each profiled for its GPU busy time
 #   dry     (here, CPU, ~6 min): every step at toy size, to check the script before spending device time
 # A step is skipped when fewer seconds than it needs remain of DEADLINE_S (default 520), so the call ends with
 # results inside the device tool's limit. Results: $OUT/*.json, $OUT/summary.txt (the tables), $OUT/logs.tar.gz.
@@ -38,15 +43,17 @@ else
 fi
 if [ "$size" = "dry" ]; then
   device=cpu; shape="32 64 64"; plans=quick; cases=6; its=4; crf_size="24 48 48"; ws=/tmp/dram_bench_dry
+  procs=2; qws=$ws/quality
   export nnUNet_n_proc_DA=${nnUNet_n_proc_DA:-1} nnUNet_def_n_proc=2
 else
   device=cuda; shape="96 192 192"; plans=full; cases=8; its=20; crf_size="300 512 512"; ws=/tmp/dram_bench
+  procs=8; qws=$PWD/.gpu_workspace  # kept by a warm machine between calls: a second `small` call resumes
   export nnUNet_n_proc_DA=${nnUNet_n_proc_DA:-8} nnUNet_def_n_proc=8
 fi
 left() { echo $(( DEADLINE_S - ($(date +%s) - start) )); }
 finish() {  # the device tool returns at most 8 files: the JSONs, plus every log and table in one archive
-  (cd "$OUT" && cat ./*.txt > summary.txt.tmp 2>/dev/null; tar -czf logs.tar.gz ./*.log ./*.txt 2>/dev/null \
-    && rm -f ./*.log ./*.txt; mv summary.txt.tmp summary.txt)
+  (cd "$OUT" && cat ./*.txt > summary.txt.tmp 2>/dev/null; tar -czf logs.tar.gz ./*.log ./*.txt ./*.table \
+    2>/dev/null; rm -f ./*.log ./*.txt ./*.table; mv summary.txt.tmp summary.txt)
 }
 trap finish EXIT
 step() {  # step NAME SECONDS_NEEDED: true when there is time for it
@@ -60,8 +67,8 @@ python3 -c "import torch, nnunetv2, platform; print('torch', torch.__version__, 
 
 quality() {  # quality TRAIN TEST "SHAPE" EPOCHS ITERATIONS: DRAM vs CAM vs fully supervised, held-out synthetic CTs
   step "quality" 60 && timeout $(( $(left) - 10 )) python3 benchmarks/quality.py --device $device --preset quick \
-    --train $1 --test $2 --shape $3 --epochs $4 --iterations $5 --targets ctss \
-    --workspace "$ws/quality" --json "$OUT/quality.json" > "$OUT/quality.log" 2>&1
+    --train $1 --test $2 --shape $3 --epochs $4 --iterations $5 --targets ctss --processes $procs \
+    --workspace "$qws" --json "$OUT/quality.json" > "$OUT/quality.log" 2>&1
   echo "exit $?" >> "$OUT/quality.log"
   tail -18 "$OUT/quality.log" | tee "$OUT/quality.txt"
 }
@@ -73,15 +80,19 @@ fi
 
 # 0. the refinement's parts alone (attention, CRF; full and coarse grid) at the full plans' patch: seconds
 crop="96 160 160"; [ "$size" = dry ] && crop="24 48 48"
-step "refinement parts" 30 && timeout 120 python3 benchmarks/refinement_speed.py --device $device --shape $crop \
-  --features 32 --crf-iterations 5 3 2 --json "$OUT/refinement_speed.json" > "$OUT/refinement_speed.log" 2>&1
+parts="--downsample 1 2 --offset-modes loop stacked"
+[ "$size" = steps ] && parts="--downsample 2 --offset-modes stacked"  # the path DRAMTrainer trains on a GPU
+step "refinement parts" 30 && timeout 150 python3 benchmarks/refinement_speed.py --device $device --shape $crop \
+  --features 32 $parts --crf-iterations 5 3 2 --cuda-graphs --json "$OUT/refinement_speed.json" \
+  > "$OUT/refinement_speed.log" 2>&1
 tail -20 "$OUT/refinement_speed.log" | tee "$OUT/refinement_speed.txt"
 
-if [ "$size" = steps ]; then  # the train step alone, 3 trainers, then stop
+if [ "$size" = steps ]; then  # the train step alone, 4 rows, then stop
   step "train steps" 0 && nnUNet_compile=f python3 benchmarks/iteration_speed.py --device $device --plans $plans \
-    --shape $shape --cases 5 --mode steps --steps 20 --workspace "$ws" --json "$OUT/train_steps.json" \
-    --trainers nnUNetTrainerBudget DRAMTrainer DRAMTrainerNoRefine > "$OUT/train_steps.log" 2>&1
-  tail -6 "$OUT/train_steps.log" | tee "$OUT/train_steps.txt"
+    --shape $shape --cases 5 --mode steps --steps 20 --profile-steps 5 --workspace "$ws" \
+    --json "$OUT/train_steps.json" --trainers nnUNetTrainerBudget DRAMTrainer \
+    DRAMTrainer@NNUNETV2_DRAM_CUDA_GRAPHS=1 DRAMTrainerNoRefine > "$OUT/train_steps.log" 2>&1
+  tail -7 "$OUT/train_steps.log" | tee "$OUT/train_steps.txt"
   echo "total $(( $(date +%s) - start )) s"
   exit 0
 fi

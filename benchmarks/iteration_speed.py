@@ -12,6 +12,10 @@ times the step alone ("steps" mode): each trainer is built in this process exact
 two batches are drawn from its own data loader, and `train_step` (forward, loss, backward, optimizer) runs
 `--steps` times on them after `--warmup` steps, with CUDA synchronised: the compute cost at equal voxels per batch.
 
+A row may set environment variables for its trainer: `DRAMTrainer@NNUNETV2_DRAM_CUDA_GRAPHS=1` times DRAMTrainer with
+the refinement's CUDA graph. `--profile-steps N` profiles N more steps per trainer (torch.profiler) and reports the
+GPU's busy time per step next to the wall time: whether a step waits for kernels or for the CPU to launch them.
+
     python benchmarks/iteration_speed.py --device cpu                       # quick plans, about 5 minutes here
     python benchmarks/iteration_speed.py --device cuda --plans full --shape 96 192 192 --iterations 50
 
@@ -32,6 +36,18 @@ from pathlib import Path
 TRAINERS = ["nnUNetTrainerBudget", "DRAMTrainer", "DRAMTrainerFullRefine", "DRAMTrainerNoRefine", "CAMTrainer"]
 
 
+def split_row(row: str) -> tuple[str, dict]:
+    """'Trainer@VAR=1@OTHER=x' -> ('Trainer', {'VAR': '1', 'OTHER': 'x'})."""
+    trainer, *settings = row.split("@")
+    env = {}
+    for setting in settings:
+        var, sep, value = setting.partition("=")
+        if not sep or not var:
+            raise SystemExit(f"row {row!r}: expected TRAINER@VARIABLE=VALUE")
+        env[var] = value
+    return trainer, env
+
+
 def prepare(workspace: Path, dataset_id: int, shape, n_cases: int, plans: str, configuration: str) -> str:
     from nnunetv2_dram.pipeline.pipeline import PipelineOptions, plan_and_preprocess
     from nnunetv2_dram.synthetic.dataset import dataset_folder_name, write_weak_dataset
@@ -50,9 +66,11 @@ def epoch_stats(log_text: str):
     return times, mem
 
 
-def run_trainer(trainer: str, dataset: str, configuration: str, plans_name: str, device: str, epochs: int,
+def run_trainer(row: str, dataset: str, configuration: str, plans_name: str, device: str, epochs: int,
                 iterations: int, env: dict) -> dict:
     from nnunetv2_dram.pipeline.nnunet_commands import program_command
+    trainer, row_env = split_row(row)
+    env = dict(env, **row_env)
     results = Path(env["nnUNet_results"]) / dataset / f"{trainer}__{plans_name}__{configuration}" / "fold_0"
     if results.exists():
         import shutil
@@ -68,13 +86,50 @@ def run_trainer(trainer: str, dataset: str, configuration: str, plans_name: str,
     times, mem = epoch_stats(log)
     steady = times[1:] if len(times) > 1 else times
     per_iter = sum(steady) / len(steady) / (iterations + 1)  # +1: the validation iteration
-    return {"trainer": trainer, "seconds_per_iteration": round(per_iter, 4), "epoch_times": times,
+    return {"trainer": row, "seconds_per_iteration": round(per_iter, 4), "epoch_times": times,
             "peak_gpu_gib": max(mem) if mem else None, "wall_seconds": round(time.time() - t0, 1)}
 
 
-def time_train_steps(trainer_name: str, dataset: str, configuration: str, plans_name: str, device: str,
-                     steps: int, warmup: int) -> dict:
+def gpu_busy_per_step(trainer, batches, steps: int, table_path: Path | None) -> float | None:
+    """Seconds of GPU kernel time per train_step (torch.profiler), or None when the profiler fails."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for i in range(steps):
+                trainer.train_step(batches[i % 2])
+            torch.cuda.synchronize()
+        averages = prof.key_averages()
+        busy_us = sum(getattr(e, "self_device_time_total", 0) for e in averages if e.device_type == DeviceType.CUDA)
+        if table_path is not None:
+            table_path.write_text(averages.table(sort_by="self_device_time_total", row_limit=30))
+        return busy_us / 1e6 / steps
+    except Exception as e:  # noqa: BLE001 -- the timing stands without the profile
+        print(f"profiler failed: {type(e).__name__}: {e}", flush=True)
+        return None
+
+
+def time_train_steps(row: str, dataset: str, configuration: str, plans_name: str, device: str,
+                     steps: int, warmup: int, profile_steps: int = 0, profile_dir: Path | None = None) -> dict:
     """Seconds per train_step on fixed batches (no data-loading wait), in this process."""
+    trainer_name, row_env = split_row(row)
+    saved = {k: os.environ.get(k) for k in row_env}
+    os.environ.update(row_env)
+    try:
+        return _time_train_steps(trainer_name, dataset, configuration, plans_name, device, steps, warmup,
+                                 profile_steps, None if profile_dir is None else
+                                 profile_dir / f"profile_{row.replace('@', '_').replace('=', '')}.table")
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _time_train_steps(trainer_name: str, dataset: str, configuration: str, plans_name: str, device: str,
+                      steps: int, warmup: int, profile_steps: int, profile_table: Path | None) -> dict:
     import torch
     from nnunetv2.run.run_training import get_trainer_from_args
     dev = torch.device(device)
@@ -95,6 +150,8 @@ def time_train_steps(trainer_name: str, dataset: str, configuration: str, plans_
         sync()
         per_step = (time.perf_counter() - t0) / steps
         peak = torch.cuda.max_memory_allocated() / 2 ** 30 if dev.type == "cuda" else None
+        busy = gpu_busy_per_step(trainer, batches, profile_steps, profile_table) \
+            if profile_steps > 0 and dev.type == "cuda" else None
     finally:
         for loader in (trainer.dataloader_train, trainer.dataloader_val):
             if hasattr(loader, "_finish"):
@@ -102,7 +159,10 @@ def time_train_steps(trainer_name: str, dataset: str, configuration: str, plans_
     del trainer
     if dev.type == "cuda":
         torch.cuda.empty_cache()
-    return {"seconds_per_step": round(per_step, 4), "step_peak_gpu_gib": round(peak, 2) if peak else None}
+    out = {"seconds_per_step": round(per_step, 4), "step_peak_gpu_gib": round(peak, 2) if peak else None}
+    if busy is not None:
+        out["gpu_busy_seconds_per_step"] = round(busy, 4)
+    return out
 
 
 def main(argv=None) -> int:
@@ -119,9 +179,13 @@ def main(argv=None) -> int:
                     help="loop: nnUNetv2_train epochs; steps: train_step alone on fixed batches; both")
     ap.add_argument("--steps", type=int, default=20, help="timed train steps per trainer (steps mode)")
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps first (cudnn autotuning, allocator)")
+    ap.add_argument("--profile-steps", type=int, default=0,
+                    help="CUDA: profile this many more steps per trainer; GPU busy seconds per step, top-op tables")
     ap.add_argument("--workspace", default="benchmark_workspace")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    for trainer in args.trainers:
+        split_row(trainer)  # a malformed row stops here, before any work
 
     ws = Path(args.workspace).resolve()
     for n in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
@@ -147,7 +211,8 @@ def main(argv=None) -> int:
         if args.mode in ("steps", "both"):
             print(f"timing {trainer} train_step ...", flush=True)
             row.update(time_train_steps(trainer, dataset, args.configuration, plans_name, args.device, args.steps,
-                                        args.warmup))
+                                        args.warmup, args.profile_steps,
+                                        Path(args.json).parent if args.json else None))
         rows.append(row)
     base = next((r for r in rows if r["trainer"] == "nnUNetTrainerBudget"), rows[0])
     for key, ratio in (("seconds_per_iteration", "ratio_to_nnUNetTrainer"),
@@ -163,11 +228,13 @@ def main(argv=None) -> int:
           f"{cfg['batch_size']}, features {cfg['architecture']['arch_kwargs']['features_per_stage']}; "
           f"{args.epochs - 1} timed epochs of {args.iterations} iterations")
     nan = float("nan")
-    print(f"{'trainer':24s} {'loop s/it':>9s} {'ratio':>6s} {'step s':>7s} {'ratio':>6s} {'peak GiB':>9s}")
+    print(f"{'trainer':24s} {'loop s/it':>9s} {'ratio':>6s} {'step s':>7s} {'ratio':>6s} {'peak GiB':>9s} "
+          f"{'GPU busy s':>10s}")
     for r in rows:
         peak = r.get("peak_gpu_gib") or r.get("step_peak_gpu_gib") or nan
         print(f"{r['trainer']:24s} {r.get('seconds_per_iteration', nan):9.3f} {r.get('ratio_to_nnUNetTrainer', nan):6.2f} "
-              f"{r.get('seconds_per_step', nan):7.3f} {r.get('step_ratio_to_nnUNetTrainer', nan):6.2f} {peak:9.2f}")
+              f"{r.get('seconds_per_step', nan):7.3f} {r.get('step_ratio_to_nnUNetTrainer', nan):6.2f} {peak:9.2f} "
+              f"{r.get('gpu_busy_seconds_per_step', nan):10.4f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": device, "plans": plans_name, "configuration":
                                                args.configuration, "patch_size": cfg["patch_size"],

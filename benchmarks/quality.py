@@ -47,7 +47,7 @@ def _opts(dataset, new_id, trainer, args, configuration):
     iterations = args.iterations_2d if configuration == "2d" else args.iterations
     return PipelineOptions(dataset=dataset, new_id=new_id, configuration=configuration, trainer=trainer,
                            preset=args.preset, epochs=args.epochs, iterations=iterations, device=args.device,
-                           fold="all", num_processes=2)
+                           fold="all", num_processes=args.processes)
 
 
 def test_map_scores(dataset: str, trainer: str, kind: str, opts) -> dict:
@@ -111,7 +111,7 @@ def one_run(args, mode: str, target: str, seed: int, base_id: int, on_row=lambda
     n_train, n_test = (args.train_2d, args.test_2d) if mode == "2d" else (args.train, args.test)
     if not (raw / dataset / "dataset.json").is_file():
         write_weak_dataset(raw, base_id, name=name, n_train=n_train, n_test=n_test, seed=seed, shape=shape,
-                           target=target, mode=mode, num_processes=2)
+                           target=target, mode=mode, num_processes=args.processes)
     t0 = time.time()
     rows = {}
 
@@ -190,9 +190,14 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", nargs="+", default=["3d"], choices=("3d", "2d"))
     ap.add_argument("--targets", nargs="+", default=["percentage"], choices=("percentage", "ctss"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--extra-trainers", nargs="*", default=[], choices=("DRAMTrainerFullRefine", "DRAMTrainerCoarseRefine"),
+    ap.add_argument("--extra-trainers", nargs="*", default=[], choices=("DRAMTrainerFullRefine", "DRAMTrainerCoarseRefine",
+                                                                       "DRAMTrainerDetachedRefine"),
                     help="more weak trainers: their raw/refined test maps and pseudo labels (no final network)")
-    ap.add_argument("--workspace", default="benchmark_workspace")
+    ap.add_argument("--processes", type=int, default=2,
+                    help="worker processes for data generation, preprocessing and pseudo labels")
+    ap.add_argument("--workspace", default="benchmark_workspace",
+                    help="nnU-Net folders; a second call with the same workspace resumes (finished trainings and "
+                         "pseudo-label sets are kept)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     args.iterations_2d = args.iterations_2d or 4 * args.iterations

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnunetv2_dram.building_blocks.cuda_graphs import GraphCache, graphable, signature
+
 
 def _two_channels(logit: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.zeros_like(logit), logit], dim=1)
@@ -24,15 +26,35 @@ def _split_encoder_decoder(backbone: nn.Module):
     return (enc, dec) if enc is not None and dec is not None else (None, None)
 
 
+class _Refinement(nn.Module):
+    """Attention then CRF at one spacing, as one module for `GraphCache`. Not registered in the network (the same
+    attention and CRF already are), so checkpoints do not change."""
+
+    def __init__(self, attention: nn.Module, crf: nn.Module, spacing: tuple):
+        super().__init__()
+        self.attention, self.crf, self.spacing = attention, crf, spacing
+
+    def forward(self, dram, feats, guide):
+        attended = self.attention(dram, feats)
+        return attended, self.crf(attended, guide, self.spacing)
+
+
 class DenseRegressionNetwork(nn.Module):
     """dRAM: nnU-Net's segmentation network with one output channel (the dRAM logit), optionally refined by a
     local-affinity attention module over low-level features and a trainable dense CRF on the image."""
 
     def __init__(self, backbone: nn.Module, dim: int, spacing: Sequence[float], image_channels: int,
                  low_level_channels: int | None, refine: bool = True, attention_kwargs: dict | None = None,
-                 crf_kwargs: dict | None = None, refine_downsample: int = 1):
+                 crf_kwargs: dict | None = None, refine_downsample: int = 1, cuda_graphs: bool = False,
+                 detach_refinement: bool = False):
         super().__init__()
+        # True: the refinement reads a detached dRAM, so its losses train the attention and the CRF only and the
+        # backbone learns from the region regression of its own map alone
+        self.detach_refinement = bool(detach_refinement)
         self.refine_downsample = int(refine_downsample)
+        # training on CUDA: the refinement's forward + backward replayed as one CUDA graph (cuda_graphs.py)
+        self.cuda_graphs = bool(cuda_graphs)
+        self._refinement_graphs = GraphCache(self._build_refinement)
         self.backbone = backbone
         self.dim = dim
         self.refine = refine
@@ -60,14 +82,24 @@ class DenseRegressionNetwork(nn.Module):
         skips = enc(x)
         return dec(skips), skips[0]
 
+    def _build_refinement(self, key) -> nn.Module:
+        return _Refinement(self.attention, self.crf, key[0])
+
+    def _attend_and_crf(self, dram, feats, guide, spacing):
+        """(attended, refined) logits on the grid given."""
+        if self.cuda_graphs and not torch.is_tensor(spacing) and graphable(dram, feats, guide):
+            tensors = (dram.float(), feats.float(), guide.float())
+            return self._refinement_graphs((tuple(float(s) for s in spacing),) + signature(*tensors), *tensors)
+        attended = self.attention(dram, feats)
+        return attended, self.crf(attended, guide, spacing)
+
     def _refine(self, dram, feats, guide, spacing):
         """Attention then CRF; with refine_downsample > 1 both run on an average-pooled grid (that many times fewer
         voxels per axis) and only their correction is upsampled onto the full-resolution map, so the map keeps
         its own detail while the refinement costs a fraction."""
         k = self.refine_downsample
         if k <= 1:
-            attended = self.attention(dram, feats)
-            return attended, self.crf(attended, guide, spacing)
+            return self._attend_and_crf(dram, feats, guide, spacing)
         mode = "trilinear" if dram.ndim == 5 else "bilinear"
         size = dram.shape[2:]
         small = [max(1, s // k) for s in size]
@@ -79,8 +111,7 @@ class DenseRegressionNetwork(nn.Module):
             spacing_low = spacing * spacing.new_tensor(factors)
         else:
             spacing_low = [sp * f for sp, f in zip(spacing, factors)]
-        att_low = self.attention(d_low, down(feats))
-        ref_low = self.crf(att_low, down(guide), spacing_low)
+        att_low, ref_low = self._attend_and_crf(d_low, down(feats), down(guide), spacing_low)
         return dram + up(att_low - d_low), dram + up(ref_low - d_low)
 
     def forward(self, x: torch.Tensor, return_all: bool = False, spacing=None):
@@ -91,7 +122,8 @@ class DenseRegressionNetwork(nn.Module):
         if self.refine:
             # the attention only reads the backbone's features: it must not reshape them to suit itself
             feats = x if low is None else torch.cat([x, low.detach().to(x.dtype)], dim=1)
-            attended, refined = self._refine(dram, feats, x[:, :1], self.spacing_mm if spacing is None else spacing)
+            source = dram.detach() if self.detach_refinement else dram
+            attended, refined = self._refine(source, feats, x[:, :1], self.spacing_mm if spacing is None else spacing)
         if return_all:
             return {"dram": outs, "attended": attended, "refined": refined}
         final = refined if (refined is not None and self.output_map == "refined") else dram
