@@ -17,10 +17,9 @@
 #            finished trainings and pseudo-label sets are skipped. On 2026-11-27 one call reached 9 of 15 rows.
 #   compile (a second call): also DRAMTrainer under torch.compile (nnUNet_compile=t; off by default for our
 #            trainers since it had not finished 3 short epochs in 170 s on an H200, 2026-11-26)
-#   steps   (~4 min, fits what is left of a session after a first call): the refinement as trained (coarse grid,
-#            stacked, 5/3/2 CRF iterations, eager vs CUDA graph + their difference), then train steps only (no
-#            nnUNetv2_train loop) for nnUNetTrainer, DRAMTrainer, DRAMTrainer with the CUDA graph
-#            (NNUNETV2_DRAM_CUDA_GRAPHS=1) and DRAMTrainerNoRefine on 5 cases, each profiled for its GPU busy time
+#   steps   (~2.5 min, fits what is left of a session after a first call): the refinement as trained (coarse grid,
+#            stacked, 5/3/2 CRF iterations), then train steps only (no nnUNetv2_train loop) for nnUNetTrainer,
+#            DRAMTrainer and DRAMTrainerNoRefine on 5 cases, each profiled for its GPU busy time (torch.profiler)
 #   dry     (here, CPU, ~6 min): every step at toy size, to check the script before spending device time
 # A step is skipped when fewer seconds than it needs remain of DEADLINE_S (default 520), so the call ends with
 # results inside the device tool's limit. Results: $OUT/*.json, $OUT/summary.txt (the tables), $OUT/logs.tar.gz.
@@ -83,16 +82,16 @@ crop="96 160 160"; [ "$size" = dry ] && crop="24 48 48"
 parts="--downsample 1 2 --offset-modes loop stacked"
 [ "$size" = steps ] && parts="--downsample 2 --offset-modes stacked"  # the path DRAMTrainer trains on a GPU
 step "refinement parts" 30 && timeout 150 python3 benchmarks/refinement_speed.py --device $device --shape $crop \
-  --features 32 $parts --crf-iterations 5 3 2 --cuda-graphs --json "$OUT/refinement_speed.json" \
+  --features 32 $parts --crf-iterations 5 3 2 --json "$OUT/refinement_speed.json" \
   > "$OUT/refinement_speed.log" 2>&1
 tail -20 "$OUT/refinement_speed.log" | tee "$OUT/refinement_speed.txt"
 
-if [ "$size" = steps ]; then  # the train step alone, 4 rows, then stop
+if [ "$size" = steps ]; then  # the train step alone, 3 rows, then stop
   step "train steps" 0 && nnUNet_compile=f python3 benchmarks/iteration_speed.py --device $device --plans $plans \
     --shape $shape --cases 5 --mode steps --steps 20 --profile-steps 5 --workspace "$ws" \
-    --json "$OUT/train_steps.json" --trainers nnUNetTrainerBudget DRAMTrainer \
-    DRAMTrainer@NNUNETV2_DRAM_CUDA_GRAPHS=1 DRAMTrainerNoRefine > "$OUT/train_steps.log" 2>&1
-  tail -7 "$OUT/train_steps.log" | tee "$OUT/train_steps.txt"
+    --json "$OUT/train_steps.json" --trainers nnUNetTrainerBudget DRAMTrainer DRAMTrainerNoRefine \
+    > "$OUT/train_steps.log" 2>&1
+  tail -6 "$OUT/train_steps.log" | tee "$OUT/train_steps.txt"
   echo "total $(( $(date +%s) - start )) s"
   exit 0
 fi

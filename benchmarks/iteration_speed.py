@@ -12,9 +12,8 @@ times the step alone ("steps" mode): each trainer is built in this process exact
 two batches are drawn from its own data loader, and `train_step` (forward, loss, backward, optimizer) runs
 `--steps` times on them after `--warmup` steps, with CUDA synchronised: the compute cost at equal voxels per batch.
 
-A row may set environment variables for its trainer: `DRAMTrainer@NNUNETV2_DRAM_CUDA_GRAPHS=1` times DRAMTrainer with
-the refinement's CUDA graph. `--profile-steps N` profiles N more steps per trainer (torch.profiler) and reports the
-GPU's busy time per step next to the wall time: whether a step waits for kernels or for the CPU to launch them.
+`--profile-steps N` profiles N more steps per trainer (torch.profiler) and reports the GPU's busy time per step next
+to the wall time: whether a step waits for kernels or for the CPU to launch them.
 
     python benchmarks/iteration_speed.py --device cpu                       # quick plans, about 5 minutes here
     python benchmarks/iteration_speed.py --device cuda --plans full --shape 96 192 192 --iterations 50
@@ -36,18 +35,6 @@ from pathlib import Path
 TRAINERS = ["nnUNetTrainerBudget", "DRAMTrainer", "DRAMTrainerFullRefine", "DRAMTrainerNoRefine", "CAMTrainer"]
 
 
-def split_row(row: str) -> tuple[str, dict]:
-    """'Trainer@VAR=1@OTHER=x' -> ('Trainer', {'VAR': '1', 'OTHER': 'x'})."""
-    trainer, *settings = row.split("@")
-    env = {}
-    for setting in settings:
-        var, sep, value = setting.partition("=")
-        if not sep or not var:
-            raise SystemExit(f"row {row!r}: expected TRAINER@VARIABLE=VALUE")
-        env[var] = value
-    return trainer, env
-
-
 def prepare(workspace: Path, dataset_id: int, shape, n_cases: int, plans: str, configuration: str) -> str:
     from nnunetv2_dram.pipeline.pipeline import PipelineOptions, plan_and_preprocess
     from nnunetv2_dram.synthetic.dataset import dataset_folder_name, write_weak_dataset
@@ -66,11 +53,9 @@ def epoch_stats(log_text: str):
     return times, mem
 
 
-def run_trainer(row: str, dataset: str, configuration: str, plans_name: str, device: str, epochs: int,
+def run_trainer(trainer: str, dataset: str, configuration: str, plans_name: str, device: str, epochs: int,
                 iterations: int, env: dict) -> dict:
     from nnunetv2_dram.pipeline.nnunet_commands import program_command
-    trainer, row_env = split_row(row)
-    env = dict(env, **row_env)
     results = Path(env["nnUNet_results"]) / dataset / f"{trainer}__{plans_name}__{configuration}" / "fold_0"
     if results.exists():
         import shutil
@@ -86,7 +71,7 @@ def run_trainer(row: str, dataset: str, configuration: str, plans_name: str, dev
     times, mem = epoch_stats(log)
     steady = times[1:] if len(times) > 1 else times
     per_iter = sum(steady) / len(steady) / (iterations + 1)  # +1: the validation iteration
-    return {"trainer": row, "seconds_per_iteration": round(per_iter, 4), "epoch_times": times,
+    return {"trainer": trainer, "seconds_per_iteration": round(per_iter, 4), "epoch_times": times,
             "peak_gpu_gib": max(mem) if mem else None, "wall_seconds": round(time.time() - t0, 1)}
 
 
@@ -110,26 +95,10 @@ def gpu_busy_per_step(trainer, batches, steps: int, table_path: Path | None) -> 
         return None
 
 
-def time_train_steps(row: str, dataset: str, configuration: str, plans_name: str, device: str,
-                     steps: int, warmup: int, profile_steps: int = 0, profile_dir: Path | None = None) -> dict:
-    """Seconds per train_step on fixed batches (no data-loading wait), in this process."""
-    trainer_name, row_env = split_row(row)
-    saved = {k: os.environ.get(k) for k in row_env}
-    os.environ.update(row_env)
-    try:
-        return _time_train_steps(trainer_name, dataset, configuration, plans_name, device, steps, warmup,
-                                 profile_steps, None if profile_dir is None else
-                                 profile_dir / f"profile_{row.replace('@', '_').replace('=', '')}.table")
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def _time_train_steps(trainer_name: str, dataset: str, configuration: str, plans_name: str, device: str,
-                      steps: int, warmup: int, profile_steps: int, profile_table: Path | None) -> dict:
+def time_train_steps(trainer_name: str, dataset: str, configuration: str, plans_name: str, device: str,
+                     steps: int, warmup: int, profile_steps: int = 0, profile_table: Path | None = None) -> dict:
+    """Seconds per train_step on fixed batches (no data-loading wait), in this process; with profile_steps, also the
+    GPU's busy seconds per step (and the profiler's top operators in `profile_table`)."""
     import torch
     from nnunetv2.run.run_training import get_trainer_from_args
     dev = torch.device(device)
@@ -184,8 +153,6 @@ def main(argv=None) -> int:
     ap.add_argument("--workspace", default="benchmark_workspace")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    for trainer in args.trainers:
-        split_row(trainer)  # a malformed row stops here, before any work
 
     ws = Path(args.workspace).resolve()
     for n in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
@@ -212,7 +179,7 @@ def main(argv=None) -> int:
             print(f"timing {trainer} train_step ...", flush=True)
             row.update(time_train_steps(trainer, dataset, args.configuration, plans_name, args.device, args.steps,
                                         args.warmup, args.profile_steps,
-                                        Path(args.json).parent if args.json else None))
+                                        Path(args.json).parent / f"profile_{trainer}.table" if args.json else None))
         rows.append(row)
     base = next((r for r in rows if r["trainer"] == "nnUNetTrainerBudget"), rows[0])
     for key, ratio in (("seconds_per_iteration", "ratio_to_nnUNetTrainer"),

@@ -56,25 +56,6 @@ def count_ops(fn) -> int:
     return Counter.calls
 
 
-def graph_difference(net, dram, feats, image, spacing) -> float:
-    """Largest absolute difference between the eager and the graphed refinement: outputs, the map's gradient and
-    every parameter's gradient (the graph must be the same computation, only launched at once)."""
-    import torch
-    results = []
-    for graphs in (False, True):
-        net.cuda_graphs = graphs
-        net.zero_grad(set_to_none=True)
-        dram.grad = None
-        attended, refined = net._refine(dram, feats, image, spacing)
-        (attended.square().sum() + refined.sum()).backward()
-        results.append([attended.detach().clone(), refined.detach().clone(), dram.grad.clone()]
-                       + [p.grad.clone() for p in net.parameters() if p.grad is not None])
-    net.cuda_graphs = False
-    if len(results[0]) != len(results[1]):
-        return float("inf")
-    return max(float((a - b).abs().max()) for a, b in zip(*results))
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -88,9 +69,6 @@ def main(argv=None) -> int:
                     help="implementations of the sums over neighbour offsets (offset_windows.py) to time side by side")
     ap.add_argument("--crf-iterations", type=int, nargs="+", default=[5],
                     help="mean-field iterations of the CRF to time (5: the trainers' default)")
-    ap.add_argument("--cuda-graphs", action="store_true",
-                    help="also time the combined path replayed as a CUDA graph (cuda_graphs.py), after checking that "
-                         "it gives the eager outputs and gradients")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--json", default=None)
@@ -134,19 +112,10 @@ def main(argv=None) -> int:
             attended, refined = net._refine(dram, feats, image, spacing)
             (attended.sum() + refined.sum()).backward()
 
-        def graphed_backward():
-            net.cuda_graphs = True
-            try:
-                refine_backward()
-            finally:
-                net.cuda_graphs = False
-
         parts = [("attention", attention_forward, attention_backward), ("dense CRF", crf_forward, crf_backward),
                  ("attention + CRF (as trained)", None, refine_backward)]
-        if args.cuda_graphs and device.type == "cuda":
-            parts.append(("attention + CRF, CUDA graph", None, graphed_backward))
         for name, forward, backward in parts:
-            if (k > 1 or iters != args.crf_iterations[0]) and not name.startswith("attention + CRF"):
+            if (k > 1 or iters != args.crf_iterations[0]) and name != "attention + CRF (as trained)":
                 continue  # the coarse grid and other CRF lengths only matter for the combined path
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
@@ -154,8 +123,6 @@ def main(argv=None) -> int:
                    "forward_s": round(timed(forward, device, args.repeats), 4) if forward else None,
                    "forward_backward_s": round(timed(backward, device, args.repeats), 4),
                    "ops_forward_backward": count_ops(backward)}
-            if backward is graphed_backward:
-                row["max_abs_difference_to_eager"] = graph_difference(net, dram, feats, image, spacing)
             if device.type == "cuda":
                 row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
             rows.append(row)

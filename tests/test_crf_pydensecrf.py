@@ -116,3 +116,19 @@ def test_refine_probability_validates_its_arguments():
         refine_probability(prob, image, (1.0, 1.0, 1.0), backend="pydensecrf")
     with pytest.raises(ValueError, match="shape"):
         refine_probability(prob, image[:4], (1.0, 1.0), backend="torch")
+
+
+def test_pseudo_label_crf_runs_on_the_maps_device(monkeypatch):
+    """auto = the torch CRF on the GPU when the maps are made on one (it used to run the torch CRF on the CPU
+    there), else pydensecrf when installed, else torch on the CPU; an explicit backend is kept."""
+    from nnunetv2_dram.pseudo_labels.generate import crf_backend_and_device
+    assert crf_backend_and_device("auto", "cuda") == ("torch", "cuda")
+    assert crf_backend_and_device("auto", "cuda:1") == ("torch", "cuda:1")
+    assert crf_backend_and_device("torch", "cuda") == ("torch", "cuda")
+    assert crf_backend_and_device("torch", "cpu") == ("torch", "cpu")
+    assert crf_backend_and_device("pydensecrf", "cuda") == ("pydensecrf", "cpu")
+    if importlib.util.find_spec("pydensecrf") is not None:
+        assert crf_backend_and_device("auto", "cpu") == ("pydensecrf", "cpu")
+    monkeypatch.setitem(sys.modules, "pydensecrf", None)
+    monkeypatch.setitem(sys.modules, "pydensecrf.densecrf", None)
+    assert crf_backend_and_device("auto", "cpu") == ("torch", "cpu")

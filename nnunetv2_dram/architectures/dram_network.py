@@ -14,8 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunetv2_dram.building_blocks.cuda_graphs import GraphCache, graphable, signature
-
 
 def _two_channels(logit: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.zeros_like(logit), logit], dim=1)
@@ -26,35 +24,15 @@ def _split_encoder_decoder(backbone: nn.Module):
     return (enc, dec) if enc is not None and dec is not None else (None, None)
 
 
-class _Refinement(nn.Module):
-    """Attention then CRF at one spacing, as one module for `GraphCache`. Not registered in the network (the same
-    attention and CRF already are), so checkpoints do not change."""
-
-    def __init__(self, attention: nn.Module, crf: nn.Module, spacing: tuple):
-        super().__init__()
-        self.attention, self.crf, self.spacing = attention, crf, spacing
-
-    def forward(self, dram, feats, guide):
-        attended = self.attention(dram, feats)
-        return attended, self.crf(attended, guide, self.spacing)
-
-
 class DenseRegressionNetwork(nn.Module):
     """dRAM: nnU-Net's segmentation network with one output channel (the dRAM logit), optionally refined by a
     local-affinity attention module over low-level features and a trainable dense CRF on the image."""
 
     def __init__(self, backbone: nn.Module, dim: int, spacing: Sequence[float], image_channels: int,
                  low_level_channels: int | None, refine: bool = True, attention_kwargs: dict | None = None,
-                 crf_kwargs: dict | None = None, refine_downsample: int = 1, cuda_graphs: bool = False,
-                 detach_refinement: bool = False):
+                 crf_kwargs: dict | None = None, refine_downsample: int = 1):
         super().__init__()
-        # True: the refinement reads a detached dRAM, so its losses train the attention and the CRF only and the
-        # backbone learns from the region regression of its own map alone
-        self.detach_refinement = bool(detach_refinement)
         self.refine_downsample = int(refine_downsample)
-        # training on CUDA: the refinement's forward + backward replayed as one CUDA graph (cuda_graphs.py)
-        self.cuda_graphs = bool(cuda_graphs)
-        self._refinement_graphs = GraphCache(self._build_refinement)
         self.backbone = backbone
         self.dim = dim
         self.refine = refine
@@ -82,14 +60,8 @@ class DenseRegressionNetwork(nn.Module):
         skips = enc(x)
         return dec(skips), skips[0]
 
-    def _build_refinement(self, key) -> nn.Module:
-        return _Refinement(self.attention, self.crf, key[0])
-
     def _attend_and_crf(self, dram, feats, guide, spacing):
         """(attended, refined) logits on the grid given."""
-        if self.cuda_graphs and not torch.is_tensor(spacing) and graphable(dram, feats, guide):
-            tensors = (dram.float(), feats.float(), guide.float())
-            return self._refinement_graphs((tuple(float(s) for s in spacing),) + signature(*tensors), *tensors)
         attended = self.attention(dram, feats)
         return attended, self.crf(attended, guide, spacing)
 
@@ -122,8 +94,7 @@ class DenseRegressionNetwork(nn.Module):
         if self.refine:
             # the attention only reads the backbone's features: it must not reshape them to suit itself
             feats = x if low is None else torch.cat([x, low.detach().to(x.dtype)], dim=1)
-            source = dram.detach() if self.detach_refinement else dram
-            attended, refined = self._refine(source, feats, x[:, :1], self.spacing_mm if spacing is None else spacing)
+            attended, refined = self._refine(dram, feats, x[:, :1], self.spacing_mm if spacing is None else spacing)
         if return_all:
             return {"dram": outs, "attended": attended, "refined": refined}
         final = refined if (refined is not None and self.output_map == "refined") else dram

@@ -29,13 +29,15 @@ _PROB_CLIP = 1e-5  # as pydensecrf's unary_from_softmax, so both backends see th
 
 
 def refine_probability(prob: np.ndarray, image: np.ndarray, spacing: Sequence[float], backend: str = "pydensecrf",
-                       device: str = "cpu", mask: np.ndarray | None = None, **crf_params) -> np.ndarray:
+                       device: str = "cpu", mask: np.ndarray | None = None, memory_share: float = 1.0,
+                       **crf_params) -> np.ndarray:
     """Refined foreground probability (float32, prob's shape) of a 2-D or 3-D map.
 
     prob: foreground probability. image: guidance intensities of the same shape (in the units of intensity_sigma).
     spacing: mm per axis in the arrays' axis order. mask: optional boolean array; outside voxels come back as 0 and
     pass no messages. crf_params: any of DEFAULT_CRF_PARAMS; with backend="torch" also window, halo and
-    max_tile_voxels (default: sized from free GPU memory on CUDA, 2^22 voxels per tile on the CPU).
+    max_tile_voxels (default: sized from free GPU memory on CUDA, 2^22 voxels per tile on the CPU). memory_share:
+    the part of that GPU default one call may take, for processes that share a GPU (1 / their number).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown CRF backend {backend!r}; choose one of {BACKENDS}")
@@ -53,10 +55,10 @@ def refine_probability(prob: np.ndarray, image: np.ndarray, spacing: Sequence[fl
                              f"(use backend='torch' for a GPU)")
         from nnunetv2_dram.inference.dense_crf_cpu import dense_crf_pydensecrf
         return dense_crf_pydensecrf(prob, image, spacing, mask=mask, clip=_PROB_CLIP, **params)
-    return _refine_torch(prob, image, spacing, device, mask, params)
+    return _refine_torch(prob, image, spacing, device, mask, params, memory_share)
 
 
-def _refine_torch(prob, image, spacing, device, mask, params) -> np.ndarray:
+def _refine_torch(prob, image, spacing, device, mask, params, memory_share: float = 1.0) -> np.ndarray:
     import torch
 
     from nnunetv2_dram.building_blocks.dense_crf import TrainableDenseCRF
@@ -77,7 +79,7 @@ def _refine_torch(prob, image, spacing, device, mask, params) -> np.ndarray:
     crf = TrainableDenseCRF(prob.ndim, learnable=False, **params)
     device = torch.device(device)
     if max_tile_voxels is None:
-        max_tile_voxels = _default_tile_voxels(crf, device)
+        max_tile_voxels = _default_tile_voxels(crf, device, memory_share)
 
     clipped = np.clip(prob, _PROB_CLIP, 1.0 - _PROB_CLIP)
     logits = torch.from_numpy(np.log(clipped) - np.log1p(-clipped))[None, None]
@@ -88,8 +90,9 @@ def _refine_torch(prob, image, spacing, device, mask, params) -> np.ndarray:
     return torch.sigmoid(refined)[0, 0].numpy().astype(np.float32)
 
 
-def _default_tile_voxels(crf, device) -> int:
-    """Voxels per tile: 2^22 (~1.2 GiB) on the CPU; on CUDA as many as ~40% of the free memory holds."""
+def _default_tile_voxels(crf, device, memory_share: float = 1.0) -> int:
+    """Voxels per tile: 2^22 (~1.2 GiB) on the CPU; on CUDA as many as ~40% (x memory_share) of the free memory
+    holds."""
     import torch
 
     if device.type != "cuda":
@@ -97,4 +100,4 @@ def _default_tile_voxels(crf, device) -> int:
     free_bytes, _ = torch.cuda.mem_get_info(device)
     stored_offsets = ((2 * crf.window + 1) ** crf.dim - 1) // 2
     bytes_per_voxel = 4 * (stored_offsets + 16)
-    return max(2 ** 18, int(0.4 * free_bytes / bytes_per_voxel))
+    return max(2 ** 18, int(0.4 * memory_share * free_bytes / bytes_per_voxel))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import shutil
 from dataclasses import dataclass, asdict, field
 from pathlib import Path
@@ -199,8 +200,10 @@ def _bbox_slices(mask: np.ndarray, margin: int = 4):
 
 
 def refine_and_threshold(prob: np.ndarray, image: np.ndarray, regions: np.ndarray, spacing, settings,
-                         targets: dict, intensity_norm: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
-    """-> (refined probability, uint8 label). Arrays (Z, Y, X) in the original geometry."""
+                         targets: dict, intensity_norm: tuple[float, float], crf_backend: str | None = None,
+                         crf_device: str = "cpu", memory_share: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """-> (refined probability, uint8 label). Arrays (Z, Y, X) in the original geometry. crf_backend/crf_device: as
+    `crf_backend_and_device` gives them (default: resolved for the CPU)."""
     from nnunetv2_dram.pseudo_labels.thresholds import pseudo_label
     prob = np.where(regions > 0, prob, 0).astype(np.float32)
     refined = prob
@@ -214,10 +217,10 @@ def refine_and_threshold(prob: np.ndarray, image: np.ndarray, regions: np.ndarra
             sp = list(spacing)
             if p.shape[0] == 1:  # one slice: a 2-D CRF
                 p, g, m, sp = p[0], g[0], m[0], sp[1:]
-            backend = settings.crf_backend
-            if backend == "auto":
-                backend = _auto_backend()
-            r = refine_probability(p, g, sp, backend=backend, mask=m, **settings.crf_params)
+            if crf_backend is None:
+                crf_backend, crf_device = crf_backend_and_device(settings.crf_backend, "cpu")
+            r = refine_probability(p, g, sp, backend=crf_backend, device=crf_device, mask=m,
+                                   memory_share=memory_share, **settings.crf_params)
             refined = prob.copy()
             refined[box] = r.reshape(refined[box].shape)
             refined = np.where(regions > 0, refined, 0).astype(np.float32)
@@ -230,23 +233,32 @@ def refine_and_threshold(prob: np.ndarray, image: np.ndarray, regions: np.ndarra
     return refined, label
 
 
-def _auto_backend() -> str:
-    try:
-        import torch
-        if torch.cuda.is_available():
-            return "torch"
-    except ImportError:
-        pass
+def crf_backend_and_device(requested: str, device) -> tuple[str, str]:
+    """(backend, device) of the dense CRF for pseudo labels whose maps are made on `device`. "auto": the torch CRF on
+    that GPU when the maps are made on one (47-53x pydensecrf on a full CT), else pydensecrf when it is installed,
+    else the torch CRF on the CPU; "torch" follows the maps' device; "pydensecrf" runs on the CPU."""
+    import torch
+    dev = torch.device(device)
+    gpu = str(dev) if dev.type == "cuda" else None
+    if requested == "pydensecrf":
+        return "pydensecrf", "cpu"
+    if requested == "torch" or gpu:
+        return "torch", gpu or "cpu"
     try:
         import pydensecrf.densecrf  # noqa: F401
-        return "pydensecrf"
+        return "pydensecrf", "cpu"
     except ImportError:
-        return "torch"
+        return "torch", "cpu"
 
 
 def finish_case(case: str, prob: np.ndarray, out_dir: str, source_dir: str, source_json: dict, rw_name: str,
-                settings: PseudoLabelSettings, targets: dict, intensity_norm, qc_dir: str | None) -> str:
-    """CRF, threshold, write: the CPU half of a case (runs in a worker process)."""
+                settings: PseudoLabelSettings, targets: dict, intensity_norm, qc_dir: str | None,
+                crf: tuple = (None, "cpu", 1.0), torch_threads: int | None = None) -> str:
+    """CRF, threshold, write: the second half of a case (runs in a worker process). crf: (backend, device, GPU memory
+    share) from `crf_backend_and_device`; torch_threads: the worker's share of the CPU cores."""
+    if torch_threads:
+        import torch
+        torch.set_num_threads(torch_threads)
     from nnunetv2.imageio.reader_writer_registry import recursive_find_reader_writer_by_name
     rw = recursive_find_reader_writer_by_name(rw_name)()
     ending = source_json["file_ending"]
@@ -259,7 +271,7 @@ def finish_case(case: str, prob: np.ndarray, out_dir: str, source_dir: str, sour
     if prob.shape != regions.shape:
         raise PseudoLabelError(f"case '{case}': map shape {prob.shape} differs from its region map {regions.shape}")
     refined, label = refine_and_threshold(prob, image[0], regions, props["spacing"], settings, targets,
-                                          intensity_norm)
+                                          intensity_norm, *crf)
     out = Path(out_dir)
     for f in image_files:
         dst = out / "imagesTr" / Path(f).name
@@ -313,6 +325,13 @@ def make_pseudo_labels(dataset: str, new_id: int, settings: PseudoLabelSettings,
         iterator = tqdm(todo, desc="pseudo labels", unit="case")
     ctx = multiprocessing.get_context("spawn")
     pool = ctx.Pool(num_processes) if num_processes > 1 else None
+    workers = num_processes if pool is not None else 1
+    # the CRF runs in the workers: on the GPU when the maps are made there (each worker takes its share of the GPU
+    # memory), otherwise on the CPU with each worker's share of the cores (torch would give every worker all of them)
+    crf = crf_backend_and_device(settings.crf_backend, device) + (1.0 / workers,)
+    if settings.crf == "dense":
+        print(f"dense CRF: {crf[0]} on {crf[1]}")
+    threads = max(1, (os.cpu_count() or 1) // workers) if pool is not None else None
     pending = []
     try:
         for case in iterator:
@@ -321,7 +340,7 @@ def make_pseudo_labels(dataset: str, new_id: int, settings: PseudoLabelSettings,
                                                   str(src / "labelsTr" / f"{case}{ending}"), source_json)
             prob, _ = predict_probability(model, data, seg, props, settings.map_kind)
             args = (case, prob, str(out), str(src), source_json, rw_class.__name__, settings,
-                    weak.regions_of(case), intensity_norm, qc_dir)
+                    weak.regions_of(case), intensity_norm, qc_dir, crf, threads)
             if pool is None:
                 finish_case(*args)
             else:

@@ -5,7 +5,6 @@
 and every trainer of this plugin takes them at construction. NNUNETV2_DRAM_SEED=N additionally seeds Python,
 NumPy and torch there (network initialisation, region sampling, augmentation in the main process), which makes
 a CPU run with nnUNet_n_proc_DA=0 repeatable, and NNUNETV2_DRAM_LR=X replaces nnU-Net's initial learning rate.
-NNUNETV2_DRAM_CUDA_GRAPHS=1/0 turns the refinement's CUDA graph (DRAMTrainer on a GPU) on or off.
 The values are written into the training log, and `--c` continues with whatever the variables say then (as
 nnU-Net continues with its class defaults).
 """
@@ -22,10 +21,8 @@ BUDGET_VARIABLES = {
 SEED_VARIABLE = "NNUNETV2_DRAM_SEED"
 LEARNING_RATE_VARIABLE = "NNUNETV2_DRAM_LR"
 SKIP_FINAL_VALIDATION_VARIABLE = "NNUNETV2_DRAM_SKIP_FINAL_VALIDATION"
-CUDA_GRAPHS_VARIABLE = "NNUNETV2_DRAM_CUDA_GRAPHS"
 #: every variable a plugin trainer reads (tests clear them so the caller's shell cannot leak in)
-TRAINER_VARIABLES = (*BUDGET_VARIABLES, SEED_VARIABLE, LEARNING_RATE_VARIABLE, SKIP_FINAL_VALIDATION_VARIABLE,
-                     CUDA_GRAPHS_VARIABLE)
+TRAINER_VARIABLES = (*BUDGET_VARIABLES, SEED_VARIABLE, LEARNING_RATE_VARIABLE, SKIP_FINAL_VALIDATION_VARIABLE)
 
 
 def _from_environment(var: str, parse, valid, requirement: str):
@@ -72,11 +69,6 @@ def learning_rate_from_environment(trainer) -> None:
     if lr is not None:
         trainer.initial_lr = lr
         trainer.print_to_log_file(f"initial learning rate from the environment: {lr}")
-
-
-def cuda_graphs_from_environment(default: bool) -> bool:
-    flag = _from_environment(CUDA_GRAPHS_VARIABLE, str, lambda v: v in ("0", "1"), "0 or 1")
-    return default if flag is None else flag == "1"
 
 
 def skip_final_validation() -> bool:

@@ -7,7 +7,6 @@ import torch
 from nnunetv2_dram.architectures.dram_network import (DenseRegressionNetwork, build_backbone,
                                                       features_per_stage)
 from nnunetv2_dram.losses.self_training import self_training_loss
-from nnunetv2_dram.training.budget import cuda_graphs_from_environment
 from nnunetv2_dram.training.weak_trainer import WeakRegressionTrainer
 
 
@@ -24,10 +23,6 @@ class DRAMTrainer(WeakRegressionTrainer):
     # PCM also ran on a coarse 64^3 grid). Against full resolution (DRAMTrainerFullRefine), 3 CPU quality runs
     # (docs/benchmarks.md): pseudo labels +0.01 to +0.03 IoU in all three, epochs 0.7x the time, refinement ~1/8 the cost.
     refine_downsample = 2
-    detach_refinement = False
-    # The refinement's forward + backward as one CUDA graph while training on a GPU (building_blocks/cuda_graphs.py);
-    # NNUNETV2_DRAM_CUDA_GRAPHS=0/1 overrides. Off until its step time is measured on a GPU.
-    cuda_graphs = False
     refined_loss_weight = 1.0
     self_training_weight = 0.5
     self_training_warmup = 0.1  # share of the epochs over which the self-training weight ramps up from 0
@@ -46,9 +41,7 @@ class DRAMTrainer(WeakRegressionTrainer):
         return DenseRegressionNetwork(backbone, len(configuration_manager.patch_size), configuration_manager.spacing,
                                       num_input_channels, fps[0] if fps else None, refine=cls.refine,
                                       attention_kwargs=cls.attention_kwargs, crf_kwargs=cls.crf_kwargs,
-                                      refine_downsample=cls.refine_downsample,
-                                      cuda_graphs=cuda_graphs_from_environment(cls.cuda_graphs),
-                                      detach_refinement=cls.detach_refinement)
+                                      refine_downsample=cls.refine_downsample)
 
     def compute_loss(self, outputs: dict, mask: torch.Tensor, interval: torch.Tensor):
         drams = outputs["dram"]
@@ -84,18 +77,6 @@ class DRAMTrainerFullRefine(DRAMTrainer):
     refinement's cost in 3-D, and its pseudo labels were not better in three CPU quality runs."""
 
     refine_downsample = 1
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-
-
-class DRAMTrainerDetachedRefine(DRAMTrainer):
-    """DRAMTrainer whose refinement reads a detached dRAM: the refined map's regression and self-training losses train
-    the attention and the CRF only, and the backbone learns from its own map's region regression, as in
-    DRAMTrainerNoRefine. Tests whether the joint gradient through the refinement is what hurts the raw map."""
-
-    detach_refinement = True
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
