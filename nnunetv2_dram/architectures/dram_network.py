@@ -60,18 +60,14 @@ class DenseRegressionNetwork(nn.Module):
         skips = enc(x)
         return dec(skips), skips[0]
 
-    def _attend_and_crf(self, dram, feats, guide, spacing):
-        """(attended, refined) logits on the grid given."""
-        attended = self.attention(dram, feats)
-        return attended, self.crf(attended, guide, spacing)
-
     def _refine(self, dram, feats, guide, spacing):
         """Attention then CRF; with refine_downsample > 1 both run on an average-pooled grid (that many times fewer
         voxels per axis) and only their correction is upsampled onto the full-resolution map, so the map keeps
         its own detail while the refinement costs a fraction."""
         k = self.refine_downsample
         if k <= 1:
-            return self._attend_and_crf(dram, feats, guide, spacing)
+            attended = self.attention(dram, feats)
+            return attended, self.crf(attended, guide, spacing)
         mode = "trilinear" if dram.ndim == 5 else "bilinear"
         size = dram.shape[2:]
         small = [max(1, s // k) for s in size]
@@ -83,7 +79,8 @@ class DenseRegressionNetwork(nn.Module):
             spacing_low = spacing * spacing.new_tensor(factors)
         else:
             spacing_low = [sp * f for sp, f in zip(spacing, factors)]
-        att_low, ref_low = self._attend_and_crf(d_low, down(feats), down(guide), spacing_low)
+        att_low = self.attention(d_low, down(feats))
+        ref_low = self.crf(att_low, down(guide), spacing_low)
         return dram + up(att_low - d_low), dram + up(ref_low - d_low)
 
     def forward(self, x: torch.Tensor, return_all: bool = False, spacing=None):

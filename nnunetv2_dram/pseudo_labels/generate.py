@@ -251,14 +251,17 @@ def crf_backend_and_device(requested: str, device) -> tuple[str, str]:
         return "torch", "cpu"
 
 
+def _init_worker(torch_threads: int) -> None:
+    """A pool worker's share of the CPU cores (torch would give every worker all of them)."""
+    import torch
+    torch.set_num_threads(torch_threads)
+
+
 def finish_case(case: str, prob: np.ndarray, out_dir: str, source_dir: str, source_json: dict, rw_name: str,
                 settings: PseudoLabelSettings, targets: dict, intensity_norm, qc_dir: str | None,
-                crf: tuple = (None, "cpu", 1.0), torch_threads: int | None = None) -> str:
+                crf: tuple = (None, "cpu", 1.0)) -> str:
     """CRF, threshold, write: the second half of a case (runs in a worker process). crf: (backend, device, GPU memory
-    share) from `crf_backend_and_device`; torch_threads: the worker's share of the CPU cores."""
-    if torch_threads:
-        import torch
-        torch.set_num_threads(torch_threads)
+    share) from `crf_backend_and_device`."""
     from nnunetv2.imageio.reader_writer_registry import recursive_find_reader_writer_by_name
     rw = recursive_find_reader_writer_by_name(rw_name)()
     ending = source_json["file_ending"]
@@ -324,14 +327,15 @@ def make_pseudo_labels(dataset: str, new_id: int, settings: PseudoLabelSettings,
         from tqdm import tqdm
         iterator = tqdm(todo, desc="pseudo labels", unit="case")
     ctx = multiprocessing.get_context("spawn")
-    pool = ctx.Pool(num_processes) if num_processes > 1 else None
-    workers = num_processes if pool is not None else 1
+    pool = None
+    if num_processes > 1:
+        pool = ctx.Pool(num_processes, initializer=_init_worker,
+                        initargs=(max(1, (os.cpu_count() or 1) // num_processes),))
     # the CRF runs in the workers: on the GPU when the maps are made there (each worker takes its share of the GPU
-    # memory), otherwise on the CPU with each worker's share of the cores (torch would give every worker all of them)
-    crf = crf_backend_and_device(settings.crf_backend, device) + (1.0 / workers,)
+    # memory), otherwise on the CPU with each worker's share of the cores
+    crf = crf_backend_and_device(settings.crf_backend, device) + (1.0 / (num_processes if pool else 1),)
     if settings.crf == "dense":
         print(f"dense CRF: {crf[0]} on {crf[1]}")
-    threads = max(1, (os.cpu_count() or 1) // workers) if pool is not None else None
     pending = []
     try:
         for case in iterator:
@@ -340,7 +344,7 @@ def make_pseudo_labels(dataset: str, new_id: int, settings: PseudoLabelSettings,
                                                   str(src / "labelsTr" / f"{case}{ending}"), source_json)
             prob, _ = predict_probability(model, data, seg, props, settings.map_kind)
             args = (case, prob, str(out), str(src), source_json, rw_class.__name__, settings,
-                    weak.regions_of(case), intensity_norm, qc_dir, crf, threads)
+                    weak.regions_of(case), intensity_norm, qc_dir, crf)
             if pool is None:
                 finish_case(*args)
             else:
