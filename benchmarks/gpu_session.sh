@@ -17,9 +17,10 @@
 #            finished trainings and pseudo-label sets are skipped. On 2026-11-27 one call reached 9 of 15 rows.
 #   compile (a second call): also DRAMTrainer under torch.compile (nnUNet_compile=t; off by default for our
 #            trainers since it had not finished 3 short epochs in 170 s on an H200, 2026-11-26)
-#   steps   (~2.5 min, fits what is left of a session after a first call): the refinement as trained (coarse grid,
-#            stacked, 5/3/2 CRF iterations), then train steps only (no nnUNetv2_train loop) for nnUNetTrainer,
-#            DRAMTrainer and DRAMTrainerNoRefine on 5 cases, each profiled for its GPU busy time (torch.profiler)
+#   steps   (~4 min): the refinement as trained (coarse grid, 5 CRF iterations), stacked eager vs compiled window
+#            sums (offset mode "compiled": torch.compile fuses each multiply with its sum), then train steps only
+#            (no nnUNetv2_train loop) for nnUNetTrainer, DRAMTrainer, DRAMTrainer+compiled (NNUNETV2_DRAM_REFINE_OFFSETS
+#            =compiled) and DRAMTrainerNoRefine on 5 cases, each profiled for its GPU busy time (torch.profiler)
 #   dry     (here, CPU, ~6 min): every step at toy size, to check the script before spending device time
 # A step is skipped when fewer seconds than it needs remain of DEADLINE_S (default 520), so the call ends with
 # results inside the device tool's limit. Results: $OUT/*.json, $OUT/summary.txt (the tables), $OUT/logs.tar.gz.
@@ -80,18 +81,21 @@ fi
 # 0. the refinement's parts alone (attention, CRF; full and coarse grid) at the full plans' patch: seconds
 crop="96 160 160"; [ "$size" = dry ] && crop="24 48 48"
 parts="--downsample 1 2 --offset-modes loop stacked"
-[ "$size" = steps ] && parts="--downsample 2 --offset-modes stacked"  # the path DRAMTrainer trains on a GPU
-step "refinement parts" 30 && timeout 150 python3 benchmarks/refinement_speed.py --device $device --shape $crop \
-  --features 32 $parts --crf-iterations 5 3 2 --json "$OUT/refinement_speed.json" \
+crf_its="5 3 2"
+# the path DRAMTrainer trains on a GPU, eager and compiled
+[ "$size" = steps ] && parts="--downsample 2 --offset-modes stacked compiled" && crf_its=5
+step "refinement parts" 30 && timeout 200 python3 benchmarks/refinement_speed.py --device $device --shape $crop \
+  --features 32 $parts --crf-iterations $crf_its --json "$OUT/refinement_speed.json" \
   > "$OUT/refinement_speed.log" 2>&1
 tail -20 "$OUT/refinement_speed.log" | tee "$OUT/refinement_speed.txt"
 
-if [ "$size" = steps ]; then  # the train step alone, 3 rows, then stop
+if [ "$size" = steps ]; then  # the train step alone, 4 rows, then stop
   step "train steps" 0 && nnUNet_compile=f python3 benchmarks/iteration_speed.py --device $device --plans $plans \
     --shape $shape --cases 5 --mode steps --steps 20 --profile-steps 5 --workspace "$ws" \
-    --json "$OUT/train_steps.json" --trainers nnUNetTrainerBudget DRAMTrainer DRAMTrainerNoRefine \
+    --json "$OUT/train_steps.json" --trainers nnUNetTrainerBudget DRAMTrainer DRAMTrainer+compiled \
+    DRAMTrainerNoRefine \
     > "$OUT/train_steps.log" 2>&1
-  tail -6 "$OUT/train_steps.log" | tee "$OUT/train_steps.txt"
+  tail -7 "$OUT/train_steps.log" | tee "$OUT/train_steps.txt"
   echo "total $(( $(date +%s) - start )) s"
   exit 0
 fi

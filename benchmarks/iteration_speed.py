@@ -12,6 +12,9 @@ times the step alone ("steps" mode): each trainer is built in this process exact
 two batches are drawn from its own data loader, and `train_step` (forward, loss, backward, optimizer) runs
 `--steps` times on them after `--warmup` steps, with CUDA synchronised: the compute cost at equal voxels per batch.
 
+A trainer given as `NAME+MODE` (e.g. `DRAMTrainer+compiled`) is NAME with NNUNETV2_DRAM_REFINE_OFFSETS=MODE: the
+refinement's neighbour sums implemented another way (offset_windows.py), timed side by side with the default.
+
 `--profile-steps N` profiles N more steps per trainer (torch.profiler) and reports the GPU's busy time per step next
 to the wall time: whether a step waits for kernels or for the CPU to launch them.
 
@@ -23,6 +26,7 @@ Prints a table and writes JSON with --json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -45,6 +49,21 @@ def prepare(workspace: Path, dataset_id: int, shape, n_cases: int, plans: str, c
     plan_and_preprocess(PipelineOptions(dataset=name, new_id=0, configuration=configuration, preset=plans,
                                         num_processes=2), name)
     return name
+
+
+@contextlib.contextmanager
+def refine_offsets(mode: str | None):
+    """NNUNETV2_DRAM_REFINE_OFFSETS=mode for the trainers built or started inside (unchanged when mode is None)."""
+    from nnunetv2_dram.training.budget import REFINE_OFFSETS_VARIABLE
+    before = os.environ.get(REFINE_OFFSETS_VARIABLE)
+    if mode is not None:
+        os.environ[REFINE_OFFSETS_VARIABLE] = mode
+    try:
+        yield
+    finally:
+        os.environ.pop(REFINE_OFFSETS_VARIABLE, None)
+        if before is not None:
+            os.environ[REFINE_OFFSETS_VARIABLE] = before
 
 
 def epoch_stats(log_text: str):
@@ -169,17 +188,20 @@ def main(argv=None) -> int:
     cfg = plans["configurations"][args.configuration]
     os.environ.setdefault("nnUNet_compile", "f")  # compile time is not iteration time; weak trainers run eagerly
     rows = []
-    for trainer in args.trainers:
+    for spec in args.trainers:
+        trainer, _, offsets = spec.partition("+")
         row = {"trainer": trainer}
-        if args.mode in ("loop", "both"):
-            print(f"timing {trainer} through nnUNetv2_train ...", flush=True)
-            row.update(run_trainer(trainer, dataset, args.configuration, plans_name, args.device, args.epochs,
-                                   args.iterations, dict(os.environ)))
-        if args.mode in ("steps", "both"):
-            print(f"timing {trainer} train_step ...", flush=True)
-            row.update(time_train_steps(trainer, dataset, args.configuration, plans_name, args.device, args.steps,
-                                        args.warmup, args.profile_steps,
-                                        Path(args.json).parent / f"profile_{trainer}.table" if args.json else None))
+        with refine_offsets(offsets or None):
+            if args.mode in ("loop", "both"):
+                print(f"timing {spec} through nnUNetv2_train ...", flush=True)
+                row.update(run_trainer(trainer, dataset, args.configuration, plans_name, args.device, args.epochs,
+                                       args.iterations, dict(os.environ)))
+            if args.mode in ("steps", "both"):
+                print(f"timing {spec} train_step ...", flush=True)
+                table = Path(args.json).parent / f"profile_{spec.replace('+', '_')}.table" if args.json else None
+                row.update(time_train_steps(trainer, dataset, args.configuration, plans_name, args.device,
+                                            args.steps, args.warmup, args.profile_steps, table))
+        row["trainer"] = spec
         rows.append(row)
     base = next((r for r in rows if r["trainer"] == "nnUNetTrainerBudget"), rows[0])
     for key, ratio in (("seconds_per_iteration", "ratio_to_nnUNetTrainer"),

@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     ap.add_argument("--spacing", type=float, nargs=3, default=(2.0, 0.8, 0.8), help="mm per voxel (z, y, x)")
     ap.add_argument("--downsample", type=int, nargs="+", default=[1, 2],
                     help="refine_downsample values to time (1: DRAMTrainerFullRefine, 2: DRAMTrainer)")
-    ap.add_argument("--offset-modes", nargs="+", default=["loop", "stacked"], choices=("loop", "stacked"),
+    ap.add_argument("--offset-modes", nargs="+", default=["loop", "stacked"], choices=("loop", "stacked", "compiled"),
                     help="implementations of the sums over neighbour offsets (offset_windows.py) to time side by side")
     ap.add_argument("--crf-iterations", type=int, nargs="+", default=[5],
                     help="mean-field iterations of the CRF to time (5: the trainers' default)")
@@ -114,6 +114,8 @@ def main(argv=None) -> int:
 
         parts = [("attention", attention_forward, attention_backward), ("dense CRF", crf_forward, crf_backward),
                  ("attention + CRF (as trained)", None, refine_backward)]
+        if mode == "compiled":  # compiled only with gradients on: a forward without them runs as "auto"
+            parts = [(name, None, backward) for name, _, backward in parts]
         for name, forward, backward in parts:
             if (k > 1 or iters != args.crf_iterations[0]) and name != "attention + CRF (as trained)":
                 continue  # the coarse grid and other CRF lengths only matter for the combined path

@@ -1,5 +1,6 @@
 """The stacked (one window view) implementation of the neighbour sums gives the loop's numbers and gradients."""
 import copy
+import os
 
 import pytest
 import torch
@@ -106,3 +107,60 @@ def test_crf_stacked_half_precision_kernel_and_multichannel_guide_are_close():
         stacked = TrainableDenseCRF(3, offset_mode="stacked", **kwargs)
         torch.testing.assert_close(stacked(logits, guide, (1.0, 1.0, 1.0)), loop(logits, guide, (1.0, 1.0, 1.0)),
                                    rtol=tolerance, atol=tolerance)
+
+
+def _compiler_available():
+    import shutil
+    return shutil.which(os.environ.get("CXX", "g++")) is not None
+
+
+needs_compiler = pytest.mark.skipif(not _compiler_available(),
+                                    reason="torch.compile on the CPU needs a C++ compiler (g++ or $CXX)")
+
+
+@needs_compiler
+def test_compiled_mode_matches_stacked_and_compiles_only_while_training():
+    from torch._dynamo.utils import counters
+    torch.manual_seed(3)
+    shape = (9, 10, 12)
+    logits, features, guide = 3 * torch.randn(2, 1, *shape), torch.randn(2, 5, *shape), torch.rand(2, 1, *shape)
+    for make, inputs, extra in ((lambda m: LocalAffinityAttention(5, 3, offset_mode=m), [logits, features], ()),
+                                (lambda m: TrainableDenseCRF(3, offset_mode=m), [logits], (guide, (2.0, 1.0, 1.0)))):
+        reference = make("stacked")
+        fused = copy.deepcopy(reference)
+        fused.offset_mode = "compiled"
+        frames = counters["frames"]["ok"]
+        out_fused, grads_fused = _outputs_and_grads(fused, inputs, *extra)
+        assert counters["frames"]["ok"] > frames  # torch.compile really ran
+        out_reference, grads_reference = _outputs_and_grads(reference, inputs, *extra)
+        # fused kernels sum in another order (and the CRF's exp is Inductor's): float32 rounding, not more
+        torch.testing.assert_close(out_fused, out_reference, rtol=1e-4, atol=1e-4)
+        for a, b in zip(grads_fused, grads_reference):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        frames = counters["frames"]["ok"]
+        with torch.no_grad():  # inference sees many shapes (tiles): "compiled" then runs as "auto", uncompiled
+            torch.testing.assert_close(fused(*inputs, *extra), out_reference, rtol=1e-4, atol=1e-4)
+        assert counters["frames"]["ok"] == frames
+    assert use_stacked("compiled", torch.zeros(1, 1, 4))
+    with torch.no_grad():
+        assert not use_stacked("compiled", torch.zeros(1, 1, 4))  # CPU tensor: "auto" takes the loop
+
+
+def test_trainers_take_the_refinement_offsets_from_the_environment(weak3d, monkeypatch):
+    import json
+
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from nnunetv2_dram.training.dram_trainers import DRAMTrainer
+    ws, dataset = weak3d
+    monkeypatch.delenv("NNUNETV2_DRAM_REFINE_OFFSETS", raising=False)
+    pm = PlansManager(json.loads((ws.preprocessed / dataset / "nnUNetPlans_quick.json").read_text()))
+    cm = pm.get_configuration("3d_fullres")
+    net = DRAMTrainer.build_network_architecture(pm, cm, 1, 2, False)
+    assert (net.attention.offset_mode, net.crf.offset_mode) == ("auto", "auto")
+    monkeypatch.setenv("NNUNETV2_DRAM_REFINE_OFFSETS", "compiled")
+    net = DRAMTrainer.build_network_architecture(pm, cm, 1, 2, False)
+    assert (net.attention.offset_mode, net.crf.offset_mode) == ("compiled", "compiled")
+    assert DRAMTrainer.attention_kwargs == {} and DRAMTrainer.crf_kwargs == {}  # class defaults untouched
+    monkeypatch.setenv("NNUNETV2_DRAM_REFINE_OFFSETS", "fused")
+    with pytest.raises(SystemExit, match="NNUNETV2_DRAM_REFINE_OFFSETS='fused' must be one of auto, loop"):
+        DRAMTrainer.build_network_architecture(pm, cm, 1, 2, False)

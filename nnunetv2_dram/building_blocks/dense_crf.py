@@ -84,8 +84,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nnunetv2_dram.building_blocks.offset_windows import (check_offset_mode, expand_to_window, use_stacked,
-                                                          window_dims, window_view)
+from nnunetv2_dram.building_blocks.offset_windows import (check_offset_mode, compiled, expand_to_window, pad_spatial,
+                                                          use_compiled, use_stacked, window_dims, window_view,
+                                                          window_weighted_sum)
 
 #: logit written for voxels outside the mask (sigmoid ~ 2e-9): clamped to background.
 OUTSIDE_MASK_LOGIT = -20.0
@@ -174,9 +175,11 @@ class _SymmetricOperatorFn(torch.autograd.Function):
 class _NormalisedSpatialKernel:
     """x -> D^-1/2 G D^-1/2 x with G a separable truncated Gaussian (zero padded) restricted to the mask."""
 
-    def __init__(self, mask: torch.Tensor, spacing: Sequence[float], sigma_mm: float, stacked: bool = False):
+    def __init__(self, mask: torch.Tensor, spacing: Sequence[float], sigma_mm: float, stacked: bool = False,
+                 compile_sums: bool = False):
         self.dim = mask.ndim - 2
         self.stacked = stacked
+        self.axis_sum = compiled(_axis_window_sum) if compile_sums else _axis_window_sum
         self.tap_values: list[list[float]] = []  # per axis: weights of offsets 0, 1, ..., radius
         self.radii: list[int] = []
         for step_mm in spacing:
@@ -207,13 +210,26 @@ class _NormalisedSpatialKernel:
     def _convolve_stacked(self, x: torch.Tensor) -> torch.Tensor:
         # one windowed multiply-and-sum per axis (a 1-channel conv would run in TF32 under cuDNN's defaults)
         for axis, (taps, radius) in enumerate(zip(self.tap_values, self.radii)):
-            pads = [radius if a == axis else 0 for a in range(self.dim)]
-            kernel = _device_constant(tuple(taps[:0:-1] + taps), x.device, x.dtype)
-            x = (F.pad(x, _pad_arg(pads)).unfold(2 + axis, 2 * radius + 1, 1) * kernel).sum(-1)
+            x = self.axis_sum(x, _device_constant(tuple(taps[:0:-1] + taps), x.device, x.dtype), axis, radius)
         return x
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.scale * self._convolve(self.scale * x)
+
+
+def _axis_window_sum(x: torch.Tensor, kernel: torch.Tensor, axis: int, radius: int) -> torch.Tensor:
+    """x (B, C, *S) convolved along one spatial axis with the 2 * radius + 1 taps of kernel, zero padded."""
+    pads = [radius if a == axis else 0 for a in range(x.ndim - 2)]
+    return (pad_spatial(x, pads).unfold(2 + axis, 2 * radius + 1, 1) * kernel).sum(-1)
+
+
+def _stacked_bilateral_weights(guide: torch.Tensor, log_spatial: torch.Tensor, pads: list[int], taps: list[int],
+                               strides: list[int], neg_inv_two_var: float) -> torch.Tensor:
+    """(B, 1, *S, *window) spatial x intensity weights of every window offset; zero outside the volume."""
+    # Neighbours outside the volume get weight 0 through an infinite guide value: exp(-inf) = 0.
+    neighbours = window_view(pad_spatial(guide, pads, float("inf")), pads, taps, strides)
+    squared = (expand_to_window(guide, guide.ndim - 2) - neighbours).square().sum(1, keepdim=True)
+    return (squared * neg_inv_two_var + log_spatial).exp()
 
 
 @functools.lru_cache(maxsize=64)
@@ -305,7 +321,8 @@ class _StackedBilateralKernel:
     weights of all (2n+1)^dim offsets are stored, the voxel itself included, twice the loop version's memory."""
 
     def __init__(self, guide: torch.Tensor, mask: torch.Tensor | None, spacing: Sequence[float], sigma_mm: float,
-                 intensity_sigma: float, window: int, reach_sigmas: float, kernel_dtype: torch.dtype):
+                 intensity_sigma: float, window: int, reach_sigmas: float, kernel_dtype: torch.dtype,
+                 compile_sums: bool = False):
         self.dim = guide.ndim - 2
         axis_taps = _bilateral_axis_taps(spacing, sigma_mm, window, reach_sigmas)
         self.taps = [n for n, _, _ in axis_taps]
@@ -318,21 +335,19 @@ class _StackedBilateralKernel:
             shape[axis] = len(weights)
             axis_log = _device_constant(tuple(np.log(weights).tolist()), guide.device, guide.dtype)
             log_spatial = log_spatial + axis_log.view(shape)
-        pad_arg = _pad_arg(self.pads)
-        # Neighbours outside the volume get weight 0 through an infinite guide value: exp(-inf) = 0.
-        neighbours = window_view(F.pad(guide, pad_arg, value=float("inf")), self.pads, self.taps, self.strides)
-        squared = (expand_to_window(guide, self.dim) - neighbours).square_().sum(1, keepdim=True)
-        self.weights = squared.mul_(-1.0 / (2.0 * intensity_sigma ** 2)).add_(log_spatial).exp_().to(kernel_dtype)
+        make_weights = compiled(_stacked_bilateral_weights) if compile_sums else _stacked_bilateral_weights
+        self.weighted_sum = compiled(window_weighted_sum) if compile_sums else window_weighted_sum
+        self.weights = make_weights(guide, log_spatial, self.pads, self.taps, self.strides,
+                                    -1.0 / (2.0 * intensity_sigma ** 2)).to(kernel_dtype)
         if mask is not None:
-            mask_neighbours = window_view(F.pad(mask, pad_arg), self.pads, self.taps, self.strides)
+            mask_neighbours = window_view(pad_spatial(mask, self.pads), self.pads, self.taps, self.strides)
             self.weights.mul_(expand_to_window(mask, self.dim) * mask_neighbours)
         self.scale = self.weights.sum(window_dims(self.dim), dtype=guide.dtype).clamp_min(1e-12).rsqrt()
         if mask is not None:
             self.scale = self.scale * mask
 
     def _unnormalised(self, x: torch.Tensor) -> torch.Tensor:
-        neighbours = window_view(F.pad(x, _pad_arg(self.pads)), self.pads, self.taps, self.strides)
-        return (self.weights * neighbours).sum(window_dims(self.dim))
+        return self.weighted_sum(self.weights, x, self.pads, self.taps, self.strides)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.scale * self._unnormalised(self.scale * x)
@@ -353,7 +368,8 @@ class TrainableDenseCRF(nn.Module):
         learnable: whether kernel weights and compatibility are parameters (else buffers).
         kernel_dtype: storage dtype of the pre-computed bilateral weights (float16 halves their memory).
         offset_mode: "auto" (default: one window view per message on CUDA, the per-offset loop otherwise),
-            "stacked" or "loop"; same numbers either way, see offset_windows.py.
+            "stacked", "loop" or "compiled" (while training: the stacked sums through torch.compile); the same
+            numbers up to float rounding, see offset_windows.py.
     """
 
     def __init__(self, dim: int, iterations: int = 5, spatial_sigma_mm: float = 3.0, bilateral_sigma_mm: float = 8.0,
@@ -430,13 +446,15 @@ class TrainableDenseCRF(nn.Module):
 
     def _operators(self, guide: torch.Tensor, mask: torch.Tensor, spacing: Sequence[float], all_inside: bool):
         stacked = use_stacked(self.offset_mode, guide)
+        fused = {"compile_sums": True} if use_compiled(self.offset_mode) else {}  # decided outside no_grad
         bilateral_kernel = _StackedBilateralKernel if stacked else _NormalisedBilateralKernel
         with torch.no_grad():
-            spatial = _NormalisedSpatialKernel(mask, spacing, self.spatial_sigma_mm, stacked=stacked)
+            spatial = _NormalisedSpatialKernel(mask, spacing, self.spatial_sigma_mm, stacked=stacked, **fused)
             bilateral = bilateral_kernel(guide, None if all_inside else mask, spacing,
                                          self.bilateral_sigma_mm, self.intensity_sigma,
                                          self.window, self.bilateral_reach_sigmas,
-                                         torch.float64 if guide.dtype == torch.float64 else self.kernel_dtype)
+                                         torch.float64 if guide.dtype == torch.float64 else self.kernel_dtype,
+                                         **fused)
         return spatial, bilateral
 
     @staticmethod

@@ -35,7 +35,9 @@ took 65% of the module's time on the CPU, backward 5x the forward); the custom b
 padded buffer instead. The distance to neighbour -d is the distance to +d read one offset back, so only half of
 the offsets touch the d-channel features. On CUDA, small grids (DRAMTrainer's coarse one) take the "stacked" path
 instead: all neighbours through one window view (offset_windows.py; `offset_mode`), a few kernels rather than a few
-per offset, with autograd's backward.
+per offset, with autograd's backward. That path is the pure function `_stacked_refinement`, so that
+`offset_mode="compiled"` can hand it to torch.compile while training (fused multiply-and-sum kernels, no window
+temporaries).
 
 Initialisation. Affinities from a randomly initialised projection on locally smooth features are close to uniform
 over similar neighbours, so the module starts as a mild edge-aware smoothing blended half with the identity (it
@@ -59,8 +61,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nnunetv2_dram.building_blocks.offset_windows import (check_offset_mode, expand_to_window, use_stacked,
-                                                          window_dims, window_view)
+from nnunetv2_dram.building_blocks.offset_windows import (check_offset_mode, compiled, expand_to_window, use_compiled,
+                                                          use_stacked, window_dims, window_view)
 
 SIMILARITIES = ("distance", "relu_dot")
 
@@ -172,6 +174,33 @@ class _NeighbourWeightedSum(torch.autograd.Function):
         return grad_weights, grad_values, None, None
 
 
+def _grid_window(x: torch.Tensor, pad: int, taps: int, stride: int) -> torch.Tensor:
+    """All neighbours of x (B, C, *S) at once: (B, C, *S, *(2 * taps + 1,) * dim), zeros outside the volume."""
+    dim = x.ndim - 2
+    return window_view(_pad(x, pad), [pad] * dim, [taps] * dim, [stride] * dim)
+
+
+def _stacked_refinement(embedded: torch.Tensor, key: torch.Tensor | None, logits: torch.Tensor,
+                        invalid: torch.Tensor, mix: torch.Tensor, pad: int, taps: int, stride: int, iterations: int,
+                        scale: float) -> torch.Tensor:
+    """The attention over a grid of offsets as window-view sums, from the projected features (key: phi's
+    projection for "relu_dot", None for "distance"); a pure function of tensors, so torch.compile can fuse it."""
+    dim = logits.ndim - 2
+    if key is None:
+        differences = expand_to_window(embedded, dim) - _grid_window(embedded, pad, taps, stride)
+        scores = differences.square().sum(1) * -scale
+    else:
+        products = expand_to_window(embedded, dim) * _grid_window(key, pad, taps, stride)
+        scores = F.relu(products.sum(1)) * scale
+    scores = scores.masked_fill(invalid, float("-inf"))
+    weights = torch.softmax(scores.flatten(-dim), -1).view_as(scores).unsqueeze(1)
+    refined = logits
+    for _ in range(iterations):
+        propagated = (weights * _grid_window(refined, pad, taps, stride)).sum(window_dims(dim))
+        refined = refined + mix * (propagated - refined)
+    return refined
+
+
 class LocalAffinityAttention(nn.Module):
     """Refine logits (B, 1, *S) with affinities computed from features (B, C, *S); see the module docstring."""
 
@@ -246,38 +275,25 @@ class LocalAffinityAttention(nn.Module):
     def _propagate(self, weights: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         return _NeighbourWeightedSum.apply(weights, logits, self.offsets, self.pad)
 
-    def _window(self, x: torch.Tensor) -> torch.Tensor:
-        """All neighbours of x (B, C, *S) at once: (B, C, *S, *(kernel_size,) * dim), zeros outside the volume."""
-        taps, stride = self._grid
-        return window_view(_pad(x, self.pad), [self.pad] * self.dim, [taps] * self.dim, [stride] * self.dim)
-
     def _invalid_window(self, shape, device) -> torch.Tensor:
         """(*S, *window) True where the neighbour lies outside the volume (kept for the last shape seen)."""
         key = (tuple(shape), torch.device(device))
         if self._invalid_grid_cache is None or self._invalid_grid_cache[0] != key:
-            inside = self._window(torch.ones((1, 1) + tuple(shape), device=device))[0, 0] > 0.5
+            inside = _grid_window(torch.ones((1, 1) + tuple(shape), device=device), self.pad, *self._grid)[0, 0] > 0.5
             self._invalid_grid_cache = (key, ~inside)
         return self._invalid_grid_cache[1]
 
     def _refine_stacked(self, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """`_refine` with every neighbour read through one window view (a few kernels instead of a few per
-        offset); the same numbers up to float rounding, with autograd's backward."""
+        offset), compiled into fused kernels in offset mode "compiled"; the same numbers up to float rounding, with
+        autograd's backward."""
         embedded = self.theta(features).float()
-        scale = 1.0 / math.sqrt(self.proj_channels)
-        if self.similarity == "distance":
-            differences = expand_to_window(embedded, self.dim) - self._window(embedded)
-            scores = differences.square().sum(1) * -scale
-        else:
-            products = expand_to_window(embedded, self.dim) * self._window(self.phi(features).float())
-            scores = F.relu(products.sum(1)) * scale
-        scores = scores.masked_fill(self._invalid_window(features.shape[2:], features.device), float("-inf"))
-        weights = torch.softmax(scores.flatten(-self.dim), -1).view_as(scores).unsqueeze(1)
+        key = None if self.phi is None else self.phi(features).float()
+        invalid = self._invalid_window(features.shape[2:], features.device)
         mix = torch.sigmoid(self.mix_logit.float())
-        refined = logits.float()
-        for _ in range(self.iterations):
-            propagated = (weights * self._window(refined)).sum(window_dims(self.dim))
-            refined = refined + mix * (propagated - refined)
-        return refined
+        refine = compiled(_stacked_refinement) if use_compiled(self.offset_mode) else _stacked_refinement
+        return refine(embedded, key, logits.float(), invalid, mix, self.pad, *self._grid, self.iterations,
+                      1.0 / math.sqrt(self.proj_channels))
 
     def _refine(self, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         if self._grid is not None and use_stacked(self.offset_mode, logits):

@@ -4,7 +4,8 @@
 
 and every trainer of this plugin takes them at construction. NNUNETV2_DRAM_SEED=N additionally seeds Python,
 NumPy and torch there (network initialisation, region sampling, augmentation in the main process), which makes
-a CPU run with nnUNet_n_proc_DA=0 repeatable, and NNUNETV2_DRAM_LR=X replaces nnU-Net's initial learning rate.
+a CPU run with nnUNet_n_proc_DA=0 repeatable, NNUNETV2_DRAM_LR=X replaces nnU-Net's initial learning rate, and
+NNUNETV2_DRAM_REFINE_OFFSETS picks the implementation of the refinement's neighbour sums (offset_windows.py).
 The values are written into the training log, and `--c` continues with whatever the variables say then (as
 nnU-Net continues with its class defaults).
 """
@@ -21,8 +22,10 @@ BUDGET_VARIABLES = {
 SEED_VARIABLE = "NNUNETV2_DRAM_SEED"
 LEARNING_RATE_VARIABLE = "NNUNETV2_DRAM_LR"
 SKIP_FINAL_VALIDATION_VARIABLE = "NNUNETV2_DRAM_SKIP_FINAL_VALIDATION"
+REFINE_OFFSETS_VARIABLE = "NNUNETV2_DRAM_REFINE_OFFSETS"
 #: every variable a plugin trainer reads (tests clear them so the caller's shell cannot leak in)
-TRAINER_VARIABLES = (*BUDGET_VARIABLES, SEED_VARIABLE, LEARNING_RATE_VARIABLE, SKIP_FINAL_VALIDATION_VARIABLE)
+TRAINER_VARIABLES = (*BUDGET_VARIABLES, SEED_VARIABLE, LEARNING_RATE_VARIABLE, SKIP_FINAL_VALIDATION_VARIABLE,
+                     REFINE_OFFSETS_VARIABLE)
 
 
 def _from_environment(var: str, parse, valid, requirement: str):
@@ -75,6 +78,14 @@ def skip_final_validation() -> bool:
     return os.environ.get(SKIP_FINAL_VALIDATION_VARIABLE, "0") in ("1", "true", "True")
 
 
+def refine_offset_mode() -> str | None:
+    """NNUNETV2_DRAM_REFINE_OFFSETS: the attention's and CRF's `offset_mode` ("compiled": torch.compile of the
+    window sums while training, an experiment for the GPU speed goal); None when unset."""
+    from nnunetv2_dram.building_blocks.offset_windows import OFFSET_MODES
+    return _from_environment(REFINE_OFFSETS_VARIABLE, str, lambda v: v in OFFSET_MODES,
+                             "one of " + ", ".join(OFFSET_MODES))
+
+
 def apply_training_budget(trainer) -> dict[str, int]:
     seed_from_environment(trainer)
     learning_rate_from_environment(trainer)
@@ -83,4 +94,7 @@ def apply_training_budget(trainer) -> dict[str, int]:
         setattr(trainer, attr, n)
     if budget:
         trainer.print_to_log_file(f"training budget from the environment: {budget}")
+    mode = refine_offset_mode()
+    if mode is not None:
+        trainer.print_to_log_file(f"refinement offsets from the environment: {mode}")
     return budget

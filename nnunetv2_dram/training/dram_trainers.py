@@ -7,6 +7,7 @@ import torch
 from nnunetv2_dram.architectures.dram_network import (DenseRegressionNetwork, build_backbone,
                                                       features_per_stage)
 from nnunetv2_dram.losses.self_training import self_training_loss
+from nnunetv2_dram.training.budget import refine_offset_mode
 from nnunetv2_dram.training.weak_trainer import WeakRegressionTrainer
 
 
@@ -38,9 +39,13 @@ class DRAMTrainer(WeakRegressionTrainer):
         # predicting); the dRAM has a single channel either way, exposed as two for nnU-Net's predictor
         backbone = build_backbone(configuration_manager, num_input_channels, enable_deep_supervision)
         fps = features_per_stage(configuration_manager)
+        attention_kwargs, crf_kwargs = dict(cls.attention_kwargs), dict(cls.crf_kwargs)
+        offset_mode = refine_offset_mode()
+        if offset_mode is not None:
+            attention_kwargs["offset_mode"] = crf_kwargs["offset_mode"] = offset_mode
         return DenseRegressionNetwork(backbone, len(configuration_manager.patch_size), configuration_manager.spacing,
                                       num_input_channels, fps[0] if fps else None, refine=cls.refine,
-                                      attention_kwargs=cls.attention_kwargs, crf_kwargs=cls.crf_kwargs,
+                                      attention_kwargs=attention_kwargs, crf_kwargs=crf_kwargs,
                                       refine_downsample=cls.refine_downsample)
 
     def compute_loss(self, outputs: dict, mask: torch.Tensor, interval: torch.Tensor):
