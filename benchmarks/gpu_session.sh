@@ -81,6 +81,7 @@ fi
 # 0. the refinement's parts alone (attention, CRF; full and coarse grid) at the full plans' patch: seconds
 crop="96 160 160"; [ "$size" = dry ] && crop="24 48 48"
 parts="--downsample 1 2 --offset-modes loop stacked"
+[ "$size" = dry ] && parts="--downsample 1 2 --offset-modes loop stacked compiled"
 crf_its="5 3 2"
 # the path DRAMTrainer trains on a GPU, eager and compiled
 [ "$size" = steps ] && parts="--downsample 2 --offset-modes stacked compiled" && crf_its=5

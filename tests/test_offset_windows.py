@@ -164,3 +164,30 @@ def test_trainers_take_the_refinement_offsets_from_the_environment(weak3d, monke
     monkeypatch.setenv("NNUNETV2_DRAM_REFINE_OFFSETS", "fused")
     with pytest.raises(SystemExit, match="NNUNETV2_DRAM_REFINE_OFFSETS='fused' must be one of auto, loop"):
         DRAMTrainer.build_network_architecture(pm, cm, 1, 2, False)
+
+
+@pytest.mark.parametrize("shape, pads, taps, strides", [((5, 6, 7), [1, 1, 1], [1, 1, 1], [1, 1, 1]),
+                                                        ((9, 8), [4, 2], [2, 1], [2, 2]),
+                                                        ((6, 7, 5), [2, 2, 2], [1, 1, 1], [2, 2, 2])])
+def test_gathered_backward_passes_are_exact(shape, pads, taps, strides):
+    from nnunetv2_dram.building_blocks.offset_windows import (expand_to_window, mirrored_window_gather, pad_spatial,
+                                                              window_squared_distances, window_weighted_sum,
+                                                              window_weighted_sum_gathered)
+    torch.manual_seed(4)
+    dim, window = len(shape), tuple(2 * n + 1 for n in taps)
+    e = torch.randn(2, 3, *shape, dtype=torch.float64, requires_grad=True)
+    weights = torch.rand(2, 1, *shape, *window, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 1, *shape, dtype=torch.float64, requires_grad=True)
+    plain = (expand_to_window(e, dim) - window_view(pad_spatial(e, pads), pads, taps, strides)).square().sum(1)
+    torch.testing.assert_close(window_squared_distances(e, pads, taps, strides), plain)
+    torch.testing.assert_close(window_weighted_sum_gathered(weights, x, pads, taps, strides),
+                               window_weighted_sum(weights, x, pads, taps, strides))
+    assert torch.autograd.gradcheck(lambda t: window_squared_distances(t, pads, taps, strides), (e,))
+    assert torch.autograd.gradcheck(lambda w, t: window_weighted_sum_gathered(w, t, pads, taps, strides), (weights, x))
+    # the gather itself: out[i, t] = y[i + o_t, mirror(t)], zero outside
+    y = torch.randn(1, *shape, *window, dtype=torch.float64)
+    out = mirrored_window_gather(y, pads, taps, strides)
+    i, t = (1,) * dim, (0,) * dim
+    source = tuple(p + (k - n) * s for p, k, n, s in zip(i, t, taps, strides))
+    expected = y[(0, *source, *(2 * n for n in taps))] if all(0 <= v < n for v, n in zip(source, shape)) else 0.0
+    assert float(out[(0, *i, *t)]) == float(expected)

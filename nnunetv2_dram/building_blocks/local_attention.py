@@ -62,7 +62,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nnunetv2_dram.building_blocks.offset_windows import (check_offset_mode, compiled, expand_to_window, use_compiled,
-                                                          use_stacked, window_dims, window_view)
+                                                          use_stacked, window_dims, window_squared_distances,
+                                                          window_view, window_weighted_sum_gathered)
 
 SIMILARITIES = ("distance", "relu_dot")
 
@@ -182,11 +183,16 @@ def _grid_window(x: torch.Tensor, pad: int, taps: int, stride: int) -> torch.Ten
 
 def _stacked_refinement(embedded: torch.Tensor, key: torch.Tensor | None, logits: torch.Tensor,
                         invalid: torch.Tensor, mix: torch.Tensor, pad: int, taps: int, stride: int, iterations: int,
-                        scale: float) -> torch.Tensor:
+                        scale: float, gathered_backward: bool = False) -> torch.Tensor:
     """The attention over a grid of offsets as window-view sums, from the projected features (key: phi's
-    projection for "relu_dot", None for "distance"); a pure function of tensors, so torch.compile can fuse it."""
+    projection for "relu_dot", None for "distance"); a pure function of tensors, so torch.compile can fuse it.
+    gathered_backward: distances and propagation with backward passes that gather instead of scatter-adding
+    (offset_windows.mirrored_window_gather), which a compiled graph fuses."""
     dim = logits.ndim - 2
-    if key is None:
+    window = ([pad] * dim, [taps] * dim, [stride] * dim)
+    if key is None and gathered_backward:
+        scores = window_squared_distances(embedded, *window) * -scale
+    elif key is None:
         differences = expand_to_window(embedded, dim) - _grid_window(embedded, pad, taps, stride)
         scores = differences.square().sum(1) * -scale
     else:
@@ -196,7 +202,10 @@ def _stacked_refinement(embedded: torch.Tensor, key: torch.Tensor | None, logits
     weights = torch.softmax(scores.flatten(-dim), -1).view_as(scores).unsqueeze(1)
     refined = logits
     for _ in range(iterations):
-        propagated = (weights * _grid_window(refined, pad, taps, stride)).sum(window_dims(dim))
+        if gathered_backward:
+            propagated = window_weighted_sum_gathered(weights, refined, *window)
+        else:
+            propagated = (weights * _grid_window(refined, pad, taps, stride)).sum(window_dims(dim))
         refined = refined + mix * (propagated - refined)
     return refined
 
@@ -291,9 +300,10 @@ class LocalAffinityAttention(nn.Module):
         key = None if self.phi is None else self.phi(features).float()
         invalid = self._invalid_window(features.shape[2:], features.device)
         mix = torch.sigmoid(self.mix_logit.float())
-        refine = compiled(_stacked_refinement) if use_compiled(self.offset_mode) else _stacked_refinement
+        fused = use_compiled(self.offset_mode)
+        refine = compiled(_stacked_refinement) if fused else _stacked_refinement
         return refine(embedded, key, logits.float(), invalid, mix, self.pad, *self._grid, self.iterations,
-                      1.0 / math.sqrt(self.proj_channels))
+                      1.0 / math.sqrt(self.proj_channels), gathered_backward=fused)
 
     def _refine(self, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         if self._grid is not None and use_stacked(self.offset_mode, logits):

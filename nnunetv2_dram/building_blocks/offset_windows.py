@@ -102,6 +102,80 @@ def window_weighted_sum(weights: torch.Tensor, x: torch.Tensor, pads: Sequence[i
     return (weights * neighbours).sum(window_dims(len(pads)))
 
 
+def mirrored_window_gather(y: torch.Tensor, pads: Sequence[int], taps: Sequence[int], strides: Sequence[int]
+                           ) -> torch.Tensor:
+    """out[b, *i, *t] = y[b, *(i + o_t), *mirror(t)] for y (B, *S, *window), zero where i + o_t is outside.
+
+    The adjoint of a window gather is a scatter-add (autograd's, and torch.compile's, backward of unfold); but the
+    offsets are symmetric, so what voxel j receives from the pair (j - o_t, t) is what the pair (j + o_t', t') with
+    t' = mirror(t) holds: a gather again. As views: move the window axes in front as channels, flip them, pad, take
+    the window view, and read the diagonal of (channel axis, window axis) per spatial axis.
+    """
+    dim = len(pads)
+    window = tuple(y.shape[-dim:])
+    lead = y.movedim(tuple(range(-dim, 0)), tuple(range(1, dim + 1))).flip(tuple(range(1, dim + 1)))
+    view = window_view(pad_spatial(lead.reshape(y.shape[0], -1, *y.shape[1:1 + dim]), pads), pads, taps, strides)
+    view = view.unflatten(1, window)  # (B, *window as channels, *S, *window)
+    for a in range(dim):
+        view = torch.diagonal(view, 0, 1, 1 + (dim - a) + dim)
+    return view
+
+
+class _WindowSquaredDistances(torch.autograd.Function):
+    """sum_c (e_c(i) - e_c(i + o_t))^2, (B, C, *S) -> (B, *S, *window), zero padding; backward by gathers only."""
+
+    @staticmethod
+    def forward(ctx, e, pads, taps, strides):
+        ctx.save_for_backward(e)
+        ctx.window = (pads, taps, strides)
+        neighbours = window_view(pad_spatial(e, pads), pads, taps, strides)
+        return (expand_to_window(e, len(pads)) - neighbours).square().sum(1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (e,) = ctx.saved_tensors
+        pads, taps, strides = ctx.window
+        dim = len(pads)
+        # d/de_j: 2 sum_t [g(j, t) + g(j + o_t, mirror(t))] (e_j - e_(j + o_t))
+        both = (grad + mirrored_window_gather(grad, pads, taps, strides)).unsqueeze(1)
+        neighbours = window_view(pad_spatial(e, pads), pads, taps, strides)
+        return 2 * (both * (expand_to_window(e, dim) - neighbours)).sum(window_dims(dim)), None, None, None
+
+
+class _WindowWeightedSum(torch.autograd.Function):
+    """`window_weighted_sum` for weights (B, 1, *S, *window) and x (B, 1, *S), with a backward by gathers only."""
+
+    @staticmethod
+    def forward(ctx, weights, x, pads, taps, strides):
+        ctx.save_for_backward(weights, x)
+        ctx.window = (pads, taps, strides)
+        return window_weighted_sum(weights, x, pads, taps, strides)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weights, x = ctx.saved_tensors
+        pads, taps, strides = ctx.window
+        dim = len(pads)
+        grad_weights = expand_to_window(grad, dim) * window_view(pad_spatial(x, pads), pads, taps, strides)
+        # x(j) entered out(j - o_t) with weight w(j - o_t, t): a mirrored gather of w * grad
+        sent = (weights * expand_to_window(grad, dim)).squeeze(1)
+        grad_x = mirrored_window_gather(sent, pads, taps, strides).sum(window_dims(dim)).unsqueeze(1)
+        return grad_weights, grad_x, None, None, None
+
+
+def window_squared_distances(e: torch.Tensor, pads: Sequence[int], taps: Sequence[int], strides: Sequence[int]
+                             ) -> torch.Tensor:
+    """(B, C, *S) -> (B, *S, *window): squared distance of every voxel's e to its window neighbours' (zero padded);
+    differentiable, with a backward that gathers (no scatter-add), which torch.compile fuses."""
+    return _WindowSquaredDistances.apply(e, list(pads), list(taps), list(strides))
+
+
+def window_weighted_sum_gathered(weights: torch.Tensor, x: torch.Tensor, pads: Sequence[int], taps: Sequence[int],
+                                 strides: Sequence[int]) -> torch.Tensor:
+    """`window_weighted_sum` for a 1-channel x, differentiable in both with a backward that gathers only."""
+    return _WindowWeightedSum.apply(weights, x, list(pads), list(taps), list(strides))
+
+
 def window_dims(dim: int) -> tuple[int, ...]:
     """The window axes of a `window_view` result (the last `dim`)."""
     return tuple(range(-dim, 0))
