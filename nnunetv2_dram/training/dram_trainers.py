@@ -1,5 +1,6 @@
-"""DRAMTrainer (the full method), DRAMTrainerNoRefine (its ablation without refinement) and DRAMTrainerFullRefine (the
-refinement at full instead of half resolution)."""
+"""DRAMTrainer (the full method), DRAMTrainerNoRefine (its ablation without refinement), DRAMTrainerNoSelfTraining
+(the refinement trained by the regression alone) and DRAMTrainerFullRefine (the refinement at full instead of half
+resolution)."""
 from __future__ import annotations
 
 import torch
@@ -71,6 +72,18 @@ class DRAMTrainerNoRefine(DRAMTrainer):
     """Ablation: the dRAM and its region-pooled regression only, no attention, no CRF."""
 
     refine = False
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+
+
+class DRAMTrainerNoSelfTraining(DRAMTrainer):
+    """Ablation: attention and CRF trained by the region regression of the refined map only, without self-training on
+    the raw dRAM's confident voxels. Why: the refined map is the dRAM plus a correction, so the self-training loss
+    also reaches the dRAM itself, pulling it towards its own thresholded values while it is still learning."""
+
+    self_training_weight = 0.0
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
