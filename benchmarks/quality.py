@@ -192,7 +192,7 @@ def main(argv=None) -> int:
     ap.add_argument("--targets", nargs="+", default=["percentage"], choices=("percentage", "ctss"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--extra-trainers", nargs="*", default=[], choices=("DRAMTrainerFullRefine", "DRAMTrainerCoarseRefine",
-                                                                            "DRAMTrainerNoSelfTraining"),
+                                                                            "DRAMTrainerSelfTraining"),
                     help="more weak trainers: their raw/refined test maps and pseudo labels (no final network)")
     ap.add_argument("--processes", type=int, default=2,
                     help="worker processes for data generation, preprocessing and pseudo labels")

@@ -1,6 +1,6 @@
-"""DRAMTrainer (the full method), DRAMTrainerNoRefine (its ablation without refinement), DRAMTrainerNoSelfTraining
-(the refinement trained by the regression alone) and DRAMTrainerFullRefine (the refinement at full instead of half
-resolution)."""
+"""DRAMTrainer (the full method), DRAMTrainerNoRefine (its ablation without refinement), DRAMTrainerSelfTraining
+(DRAMTrainer until 2026-11-27: the refinement also self-trained on the raw dRAM) and DRAMTrainerFullRefine (the
+refinement at full instead of half resolution)."""
 from __future__ import annotations
 
 import torch
@@ -15,8 +15,8 @@ from nnunetv2_dram.training.weak_trainer import WeakRegressionTrainer
 class DRAMTrainer(WeakRegressionTrainer):
     """Dense regression activation maps: nnU-Net's network with one sigmoid output, averaged inside each region
     to regress the region's lesion fraction (on every deep-supervision scale), refined by local-affinity
-    attention and a trainable dense CRF that get the same regression loss plus self-training on confident
-    voxels of the raw map."""
+    attention and a trainable dense CRF that get the same regression loss (self-training on confident voxels of
+    the raw map: DRAMTrainerSelfTraining)."""
 
     refine = True
     attention_kwargs: dict = {}
@@ -26,7 +26,11 @@ class DRAMTrainer(WeakRegressionTrainer):
     # (docs/benchmarks.md): pseudo labels +0.01 to +0.03 IoU in all three, epochs 0.7x the time, refinement ~1/8 the cost.
     refine_downsample = 2
     refined_loss_weight = 1.0
-    self_training_weight = 0.5
+    # 0 since 2026-11-27: the refined map is the dRAM plus a correction, so the self-training loss reached the dRAM
+    # itself and pulled it towards its own thresholded values while it was still learning. Without it, pseudo labels
+    # were better in all 5 CPU comparisons (+0.01 to +0.14 IoU; a 2-D run went from failed to working;
+    # docs/benchmarks.md, results.md). DRAMTrainerSelfTraining keeps the term.
+    self_training_weight = 0.0
     self_training_warmup = 0.1  # share of the epochs over which the self-training weight ramps up from 0
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -61,9 +65,10 @@ class DRAMTrainer(WeakRegressionTrainer):
         if refined is not None:
             loss_ref, f_ref = self._pooled_loss(refined, mask, interval)
             loss = loss + self.refined_loss_weight * loss_ref
-            ramp = min(1.0, (self.current_epoch + 1) / max(1.0, self.self_training_warmup * self.num_epochs))
-            loss = loss + ramp * self.self_training_weight * self_training_loss(refined, drams[0].detach(), mask,
-                                                                                interval)
+            if self.self_training_weight > 0:
+                ramp = min(1.0, (self.current_epoch + 1) / max(1.0, self.self_training_warmup * self.num_epochs))
+                loss = loss + ramp * self.self_training_weight * self_training_loss(refined, drams[0].detach(), mask,
+                                                                                    interval)
             pred = f_ref
         return loss, pred
 
@@ -78,12 +83,12 @@ class DRAMTrainerNoRefine(DRAMTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
 
 
-class DRAMTrainerNoSelfTraining(DRAMTrainer):
-    """Ablation: attention and CRF trained by the region regression of the refined map only, without self-training on
-    the raw dRAM's confident voxels. Why: the refined map is the dRAM plus a correction, so the self-training loss
-    also reaches the dRAM itself, pulling it towards its own thresholded values while it is still learning."""
+class DRAMTrainerSelfTraining(DRAMTrainer):
+    """DRAMTrainer as it was until 2026-11-27: attention and CRF also self-trained on the confident voxels of the
+    detached raw dRAM (threshold 0.5, classes weighted equally, soft bootstrapping), weight 0.5 after a warm-up over
+    the first 10 % of the epochs. Its pseudo labels were worse in all 5 CPU comparisons (docs/benchmarks.md)."""
 
-    self_training_weight = 0.0
+    self_training_weight = 0.5
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
