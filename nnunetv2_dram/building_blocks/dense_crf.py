@@ -151,13 +151,6 @@ def _shifted(padded: torch.Tensor, offset: Sequence[int], pads: Sequence[int], s
     return padded[tuple(index)]
 
 
-def _pad_arg(pads: Sequence[int]) -> list[int]:
-    """F.pad's argument (last axis first, both sides) for symmetric per-axis padding."""
-    out: list[int] = []
-    for p in reversed(pads):
-        out += [p, p]
-    return out
-
 
 class _SymmetricOperatorFn(torch.autograd.Function):
     """y = K x for a symmetric linear operator K: the vector-Jacobian product is K g, so nothing is saved."""
@@ -196,7 +189,7 @@ class _NormalisedSpatialKernel:
         # Shifted in-place accumulation; torch's CPU conv3d has no fast path for 1-channel 1-D kernels.
         for axis, (taps, radius) in enumerate(zip(self.tap_values, self.radii)):
             pads = [radius if a == axis else 0 for a in range(self.dim)]
-            padded = F.pad(x, _pad_arg(pads))
+            padded = pad_spatial(x, pads)
             shape = tuple(x.shape[2:])
             out = x * taps[0]
             for k in range(1, radius + 1):
@@ -276,10 +269,9 @@ class _NormalisedBilateralKernel:
             elif offset > (0,) * len(offset):
                 self.offsets.append(offset)
                 log_spatial_weights.append(math.log(weight))
-        pad_arg = _pad_arg(self.pads)
         # Neighbours outside the volume get weight 0 through an infinite guide value: exp(-inf) = 0.
-        guide_padded = F.pad(guide, pad_arg, value=float("inf"))
-        mask_padded = None if mask is None else F.pad(mask, pad_arg)
+        guide_padded = pad_spatial(guide, self.pads, float("inf"))
+        mask_padded = None if mask is None else pad_spatial(mask, self.pads)
         neg_inv_two_var = -1.0 / (2.0 * intensity_sigma ** 2)
         self.weights = torch.empty((len(self.offsets),) + tuple(guide.shape[:1]) + (1,) + self.shape,
                                    dtype=kernel_dtype, device=guide.device)
@@ -301,8 +293,7 @@ class _NormalisedBilateralKernel:
             self.scale = self.scale * mask
 
     def _unnormalised(self, x: torch.Tensor) -> torch.Tensor:
-        pad_arg = _pad_arg(self.pads)
-        x_padded = F.pad(x, pad_arg)
+        x_padded = pad_spatial(x, self.pads)
         out_padded = torch.zeros_like(x_padded)
         out = _shifted(out_padded, (0,) * len(self.shape), self.pads, self.shape)
         out.copy_(x * self.self_weight)

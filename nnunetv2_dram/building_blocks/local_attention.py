@@ -61,9 +61,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nnunetv2_dram.building_blocks.offset_windows import (check_offset_mode, compiled, expand_to_window, use_compiled,
-                                                          use_stacked, window_dims, window_squared_distances,
-                                                          window_view, window_weighted_sum_gathered)
+from nnunetv2_dram.building_blocks.offset_windows import (check_offset_mode, compiled, expand_to_window, pad_spatial,
+                                                          use_compiled, use_stacked, window_dims,
+                                                          window_squared_distances, window_view,
+                                                          window_weighted_sum_gathered)
 
 SIMILARITIES = ("distance", "relu_dot")
 
@@ -85,7 +86,7 @@ def _shifted_view(padded: torch.Tensor, offset: Sequence[int], pad: int) -> torc
 
 
 def _pad(x: torch.Tensor, pad: int) -> torch.Tensor:
-    return F.pad(x, [pad] * (2 * (x.ndim - 2)))
+    return pad_spatial(x, [pad] * (x.ndim - 2))
 
 
 def _mirror_pairs(offsets: Sequence[tuple[int, ...]]) -> list[tuple[int, int | None]]:
