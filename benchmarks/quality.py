@@ -98,6 +98,22 @@ def fully_supervised_dataset(dataset: str, new_id: int) -> str:
     return name
 
 
+def forget_trainer(dataset: str, trainer: str, pseudo_ids: list) -> None:
+    """Delete a weak trainer's models, its pseudo-label datasets and the final networks trained on them from the
+    workspace, so that a resumed run trains and evaluates that trainer afresh and keeps every other row (a code
+    change that touches one trainer is then measured against the same references)."""
+    results = Path(os.environ["nnUNet_results"])
+    doomed = sorted((results / dataset).glob(f"{trainer}__*"))
+    for i in pseudo_ids:
+        for n in ("nnUNet_results", "nnUNet_preprocessed", "nnUNet_raw"):
+            doomed += sorted(Path(os.environ[n]).glob(f"Dataset{i:03d}_*"))
+        doomed += [results / f"quality_logs_{i}"]
+    for path in doomed:
+        if path.is_dir():
+            print(f"--retrain {trainer}: removing {path}", flush=True)
+            shutil.rmtree(path)
+
+
 def one_run(args, mode: str, target: str, seed: int, base_id: int, on_row=lambda run: None) -> dict:
     """One column of the table; `on_row(partial run)` after every row, so a run cut short (a device call's
     time limit) still leaves the rows it finished."""
@@ -123,16 +139,19 @@ def one_run(args, mode: str, target: str, seed: int, base_id: int, on_row=lambda
     opts = _opts(dataset, 0, "DRAMTrainer", args, configuration)
     P.plan_and_preprocess(opts, dataset)
     weak = ["CAMTrainer", "DRAMTrainerNoRefine", "DRAMTrainer"] + list(args.extra_trainers)
+    # dataset ids: base+1/2 DRAMTrainer pseudo labels, +3/4 CAM, +5 fully supervised, +6/7 NoRefine (does the
+    # refinement pay for its cost in the labels that matter?), +8/9, +10/11 extra trainers
+    pseudo_sources = [("DRAMTrainer", 1), ("CAMTrainer", 3), ("DRAMTrainerNoRefine", 6)] + [(t, 8 + 2 * i)
+                                                                for i, t in enumerate(args.extra_trainers)]
+    for trainer, offset in pseudo_sources:
+        if trainer in args.retrain:
+            forget_trainer(dataset, trainer, [base_id + offset, base_id + offset + 1])
     map_rows = MAP_ROWS + [(f"{t} {kind} map", t, kind) for t in args.extra_trainers for kind in ("raw", "refined")]
     for trainer in weak:
         P.train(_opts(dataset, 0, trainer, args, configuration), dataset, trainer)
     for row, trainer, kind in map_rows:
         record(row, test_map_scores(dataset, trainer, "dram" if kind == "raw" else kind, opts))
     finals = {}
-    # dataset ids: base+1/2 DRAMTrainer pseudo labels, +3/4 CAM, +5 fully supervised, +6/7 NoRefine (does the
-    # refinement pay for its cost in the labels that matter?), +8/9, +10/11 extra trainers
-    pseudo_sources = [("DRAMTrainer", 1), ("CAMTrainer", 3), ("DRAMTrainerNoRefine", 6)] + [(t, 8 + 2 * i)
-                                                                for i, t in enumerate(args.extra_trainers)]
     for trainer, offset in pseudo_sources:
         for crf, extra in (("none", 0), ("dense", 1)):
             o = _opts(dataset, base_id + offset + extra, trainer, args, configuration)
@@ -191,9 +210,14 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", nargs="+", default=["3d"], choices=("3d", "2d"))
     ap.add_argument("--targets", nargs="+", default=["percentage"], choices=("percentage", "ctss"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--extra-trainers", nargs="*", default=[], choices=("DRAMTrainerFullRefine", "DRAMTrainerCoarseRefine",
-                                                                            "DRAMTrainerSelfTraining"),
+    ap.add_argument("--extra-trainers", nargs="*", default=[],
+                    choices=("DRAMTrainerFullRefine", "DRAMTrainerCoarseRefine", "DRAMTrainerSelfTraining",
+                             "DRAMTrainerBalancedLoss"),
                     help="more weak trainers: their raw/refined test maps and pseudo labels (no final network)")
+    ap.add_argument("--retrain", nargs="*", default=[], metavar="TRAINER",
+                    help="in a resumed workspace: delete these weak trainers' models, pseudo labels and final "
+                         "networks first, so only they are trained again (every other row is kept); to resume such a "
+                         "call when it was cut short, leave the flag out")
     ap.add_argument("--processes", type=int, default=2,
                     help="worker processes for data generation, preprocessing and pseudo labels")
     ap.add_argument("--workspace", default="benchmark_workspace",
@@ -202,12 +226,15 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     args.iterations_2d = args.iterations_2d or 4 * args.iterations
+    unknown = set(args.retrain) - {"CAMTrainer", "DRAMTrainerNoRefine", "DRAMTrainer", *args.extra_trainers}
+    if unknown:
+        raise SystemExit(f"--retrain {' '.join(sorted(unknown))}: not a weak trainer of this run")
+    if len(args.extra_trainers) > 2:
+        raise SystemExit("at most two --extra-trainers (each run reserves 20 dataset ids)")
     _env_setup(Path(args.workspace).resolve())
     from nnunetv2_dram.io_utils import atomic_write_text
     runs = []
     base = 800
-    if len(args.extra_trainers) > 2:
-        raise SystemExit("at most two --extra-trainers (each run reserves 20 dataset ids)")
 
     def save(partial=None):
         if args.json:

@@ -8,7 +8,7 @@ import pytest
 from nnunetv2_dram.paths import trainers_path
 
 TRAINERS = ["DRAMTrainer", "DRAMTrainerNoRefine", "DRAMTrainerCoarseRefine", "DRAMTrainerFullRefine",
-            "DRAMTrainerSelfTraining", "CAMTrainer", "nnUNetTrainerBudget"]
+            "DRAMTrainerSelfTraining", "DRAMTrainerBalancedLoss", "CAMTrainer", "nnUNetTrainerBudget"]
 
 
 def test_trainers_path_command_prints_the_trainers_folder():

@@ -1,6 +1,7 @@
 """DRAMTrainer (the full method), DRAMTrainerNoRefine (its ablation without refinement), DRAMTrainerSelfTraining
-(DRAMTrainer until 2026-11-27: the refinement also self-trained on the raw dRAM) and DRAMTrainerFullRefine (the
-refinement at full instead of half resolution)."""
+(DRAMTrainer until 2026-11-27: the refinement also self-trained on the raw dRAM), DRAMTrainerBalancedLoss (the dRAM's
+and the refined map's losses half each) and DRAMTrainerFullRefine (the refinement at full instead of half
+resolution)."""
 from __future__ import annotations
 
 import torch
@@ -25,6 +26,9 @@ class DRAMTrainer(WeakRegressionTrainer):
     # PCM also ran on a coarse 64^3 grid). Against full resolution (DRAMTrainerFullRefine), 3 CPU quality runs
     # (docs/benchmarks.md): pseudo labels +0.01 to +0.03 IoU in all three, epochs 0.7x the time, refinement ~1/8 the cost.
     refine_downsample = 2
+    # The refined map is the dRAM plus a correction, so the refined map's loss reaches the dRAM too: with both weights
+    # at 1 the dRAM learns with about twice NoRefine's gradient (DRAMTrainerBalancedLoss: half each).
+    dram_loss_weight = 1.0
     refined_loss_weight = 1.0
     # 0 since 2026-11-27: the refined map is the dRAM plus a correction, so the self-training loss reached the dRAM
     # itself and pulled it towards its own thresholded values while it was still learning. Without it, pseudo labels
@@ -61,6 +65,8 @@ class DRAMTrainer(WeakRegressionTrainer):
         for w, o in zip(weights[1:], drams[1:]):
             if w > 0:
                 loss = loss + float(w) * self._pooled_loss(o, mask, interval)[0]
+        if self.dram_loss_weight != 1.0:
+            loss = self.dram_loss_weight * loss
         refined = outputs.get("refined")
         if refined is not None:
             loss_ref, f_ref = self._pooled_loss(refined, mask, interval)
@@ -89,6 +95,20 @@ class DRAMTrainerSelfTraining(DRAMTrainer):
     the first 10 % of the epochs. Its pseudo labels were worse in all 5 CPU comparisons (docs/benchmarks.md)."""
 
     self_training_weight = 0.5
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+
+
+class DRAMTrainerBalancedLoss(DRAMTrainer):
+    """DRAMTrainer with the dRAM's and the refined map's regression losses weighted half each, so that the dRAM,
+    which both losses reach, learns with the gradient scale of DRAMTrainerNoRefine instead of about twice it. An
+    experiment (2026-11-27): in a 2-D run the dRAM no longer stalled in the first epochs and the pseudo labels were
+    better (0.325 vs 0.270 IoU); in a 3-D run they were worse (0.365 vs 0.385; docs/benchmarks.md)."""
+
+    dram_loss_weight = 0.5
+    refined_loss_weight = 0.5
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
