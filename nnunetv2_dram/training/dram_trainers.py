@@ -104,8 +104,9 @@ class DRAMTrainerSelfTraining(DRAMTrainer):
 class DRAMTrainerBalancedLoss(DRAMTrainer):
     """DRAMTrainer with the dRAM's and the refined map's regression losses weighted half each, so that the dRAM,
     which both losses reach, learns with the gradient scale of DRAMTrainerNoRefine instead of about twice it. An
-    experiment (2026-11-27): in a 2-D run the dRAM no longer stalled in the first epochs and the pseudo labels were
-    better (0.325 vs 0.270 IoU); in a 3-D run they were worse (0.365 vs 0.385; docs/benchmarks.md)."""
+    experiment (2026-11-27, single CPU runs): pseudo labels better in 2 of 3 (2-D 0.325 vs 0.270 IoU, where the dRAM
+    no longer stalled in the first epochs; 3-D 0.556 vs 0.503), worse in one (3-D 0.365 vs 0.385;
+    docs/benchmarks.md)."""
 
     dram_loss_weight = 0.5
     refined_loss_weight = 0.5
