@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+WEAK_TRAINERS = ("CAMTrainer", "DRAMTrainerNoRefine", "DRAMTrainer")
 MAP_ROWS = [("CAMTrainer map", "CAMTrainer", "final"), ("DRAMTrainerNoRefine map", "DRAMTrainerNoRefine", "final"),
             ("DRAMTrainer raw map", "DRAMTrainer", "dram"), ("DRAMTrainer refined map", "DRAMTrainer", "refined")]
 
@@ -138,7 +139,7 @@ def one_run(args, mode: str, target: str, seed: int, base_id: int, on_row=lambda
                 "minutes": round((time.time() - t0) / 60, 1)})
     opts = _opts(dataset, 0, "DRAMTrainer", args, configuration)
     P.plan_and_preprocess(opts, dataset)
-    weak = ["CAMTrainer", "DRAMTrainerNoRefine", "DRAMTrainer"] + list(args.extra_trainers)
+    weak = list(WEAK_TRAINERS) + list(args.extra_trainers)
     # dataset ids: base+1/2 DRAMTrainer pseudo labels, +3/4 CAM, +5 fully supervised, +6/7 NoRefine (does the
     # refinement pay for its cost in the labels that matter?), +8/9, +10/11 extra trainers
     pseudo_sources = [("DRAMTrainer", 1), ("CAMTrainer", 3), ("DRAMTrainerNoRefine", 6)] + [(t, 8 + 2 * i)
@@ -226,7 +227,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     args.iterations_2d = args.iterations_2d or 4 * args.iterations
-    unknown = set(args.retrain) - {"CAMTrainer", "DRAMTrainerNoRefine", "DRAMTrainer", *args.extra_trainers}
+    unknown = set(args.retrain) - {*WEAK_TRAINERS, *args.extra_trainers}
     if unknown:
         raise SystemExit(f"--retrain {' '.join(sorted(unknown))}: not a weak trainer of this run")
     if len(args.extra_trainers) > 2:

@@ -43,4 +43,3 @@ def test_refined_loss_reaches_the_dram_and_balanced_weights_restore_norefines_gr
     assert ratio_bal == pytest.approx(ratio_full / 2, rel=1e-5)
     assert 0.85 < ratio_bal < 1.25, ratio_bal
     assert torch.allclose(loss_bal, loss_full / 2) and torch.equal(pred_bal, pred_full)
-

@@ -59,14 +59,12 @@ class DRAMTrainer(WeakRegressionTrainer):
 
     def compute_loss(self, outputs: dict, mask: torch.Tensor, interval: torch.Tensor):
         drams = outputs["dram"]
-        weights = self._deep_supervision_weights(len(drams))
+        weights = self.dram_loss_weight * self._deep_supervision_weights(len(drams))
         loss, pred = self._pooled_loss(drams[0], mask, interval)
         loss = float(weights[0]) * loss
         for w, o in zip(weights[1:], drams[1:]):
             if w > 0:
                 loss = loss + float(w) * self._pooled_loss(o, mask, interval)[0]
-        if self.dram_loss_weight != 1.0:
-            loss = self.dram_loss_weight * loss
         refined = outputs.get("refined")
         if refined is not None:
             loss_ref, f_ref = self._pooled_loss(refined, mask, interval)
