@@ -70,18 +70,17 @@ def test_custom_backward_matches_numerical_gradient(dim, shape):
     spacing = [1.0, 0.8, 1.3][:dim]
     assert torch.autograd.gradcheck(lambda z: crf(z, guide, spacing, mask), (logits,), eps=1e-6, atol=1e-6)
     weights = crf.raw_kernel_weights.detach().clone().requires_grad_(True)
-    compatibility = crf.compatibility.detach().clone().requires_grad_(True)
-    # gradcheck perturbs the tensors it is given in place; route them through the module's parameters
-    def wrapped(raw, compat):
-        original = (crf.raw_kernel_weights, crf.compatibility)
-        del crf.raw_kernel_weights, crf.compatibility
-        crf.raw_kernel_weights, crf.compatibility = raw, compat
+    # gradcheck perturbs the tensors it is given in place; route them through the module's parameter
+    def wrapped(raw):
+        original = crf.raw_kernel_weights
+        del crf.raw_kernel_weights
+        crf.raw_kernel_weights = raw
         try:
             return crf(logits.detach(), guide, spacing)
         finally:
-            del crf.raw_kernel_weights, crf.compatibility
-            crf.raw_kernel_weights, crf.compatibility = original
-    assert torch.autograd.gradcheck(wrapped, (weights, compatibility), eps=1e-6, atol=1e-6)
+            del crf.raw_kernel_weights
+            crf.raw_kernel_weights = original
+    assert torch.autograd.gradcheck(wrapped, (weights,), eps=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("dim,shape", [(2, (20, 22)), (3, (8, 12, 10))])
@@ -95,10 +94,41 @@ def test_gradients_reach_logits_and_all_parameters(dim, shape):
     (torch.sigmoid(refined) * torch.rand_like(refined)).sum().backward()
     assert logits.grad is not None and logits.grad.abs().sum() > 0
     names = dict(crf.named_parameters())
-    assert set(names) == {"raw_kernel_weights", "compatibility"}
+    assert set(names) == {"raw_kernel_weights"}  # the compatibility is Potts, not learnt
     assert torch.all(names["raw_kernel_weights"].grad.abs() > 0)
-    assert names["compatibility"].grad.abs().sum() > 0
-    assert torch.allclose(crf.kernel_weights, torch.tensor([3.0, 5.0]))
+    assert torch.allclose(crf.kernel_weights, torch.tensor([0.5, 0.5]))
+
+
+def test_learnable_weights_stay_below_their_bound():
+    crf = TrainableDenseCRF(3, w_spatial=0.2, w_bilateral=0.9, max_kernel_weight=1.0)
+    with torch.no_grad():
+        crf.raw_kernel_weights.fill_(50.0)
+    assert torch.all(crf.kernel_weights <= 1.0)
+    with pytest.raises(ValueError, match="max_kernel_weight"):
+        TrainableDenseCRF(3, w_spatial=3.0, w_bilateral=5.0)
+    assert "compatibility" not in crf.state_dict()
+
+
+def _small_lesion(dim, spacing, radius_mm=5.0, p_lesion=0.7, p_background=0.2):
+    shape = (96, 96) if dim == 2 else (24, 72, 72)
+    grids = torch.meshgrid(*[(torch.arange(s) - s // 2) * sp for s, sp in zip(shape, spacing)], indexing="ij")
+    lesion = sum(g ** 2 for g in grids) <= radius_mm ** 2
+    logits = torch.logit(torch.where(lesion, torch.tensor(p_lesion), torch.tensor(p_background)))
+    return lesion, logits[None, None], torch.zeros(1, 1, *shape)
+
+
+@pytest.mark.parametrize("dim,spacing", [(2, (0.7, 0.7)), (3, (1.5, 0.8, 0.8)), (3, (2.5, 1.5, 1.5))])
+def test_default_crf_keeps_a_small_lesion_on_a_flat_image(dim, spacing):
+    """A 5 mm-radius lesion with a moderately confident unary survives the trainable CRF at its default settings; at
+    densecrf's photograph weights (3, 5) it would vanish."""
+    lesion, logits, flat = _small_lesion(dim, spacing)
+    with torch.no_grad():
+        refined = TrainableDenseCRF(dim)(logits, flat, spacing)
+        strong = TrainableDenseCRF(dim, learnable=False, w_spatial=3.0, w_bilateral=5.0)(logits, flat, spacing)
+    kept = float(((refined[0, 0] > 0) & lesion).sum() / lesion.sum())
+    assert kept >= 0.9
+    assert int(((refined[0, 0] > 0) & ~lesion).sum()) == 0
+    assert int(((strong[0, 0] > 0) & lesion).sum()) == 0  # the test can tell an eroding CRF apart
 
 
 def test_fixed_weights_have_no_parameters():
@@ -141,7 +171,9 @@ def test_kernel_radius_follows_millimetres():
 @pytest.mark.parametrize("dim,shape", [(2, (48, 48)), (3, (16, 28, 28))])
 def test_noisy_blob_is_cleaned_up(dim, shape):
     blob, guide, logits = _blob_case(shape, seed=4)
-    crf = TrainableDenseCRF(dim, iterations=5, spatial_sigma_mm=2.0, bilateral_sigma_mm=5.0)
+    # the weights of the pseudo-label CRF (fixed, strong): the trainable defaults are deliberately mild
+    crf = TrainableDenseCRF(dim, iterations=5, spatial_sigma_mm=2.0, bilateral_sigma_mm=5.0, learnable=False,
+                            w_spatial=3.0, w_bilateral=5.0)
     with torch.no_grad():
         refined = crf(logits, guide, [1.0] * dim)
     before = _dice(logits[0, 0] > 0, blob)

@@ -150,20 +150,22 @@ def test_trainers_take_the_refinement_offsets_from_the_environment(weak3d, monke
     import json
 
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    from nnunetv2_dram.training.dram_trainers import DRAMTrainer
+    from nnunetv2_dram.training.variants.refinement import DRAMTrainerWithCRF
     ws, dataset = weak3d
     monkeypatch.delenv("NNUNETV2_DRAM_REFINE_OFFSETS", raising=False)
     pm = PlansManager(json.loads((ws.preprocessed / dataset / "nnUNetPlans_quick.json").read_text()))
     cm = pm.get_configuration("3d_fullres")
-    net = DRAMTrainer.build_network_architecture(pm, cm, 1, 2, False)
-    assert (net.attention.offset_mode, net.crf.offset_mode) == ("auto", "auto")
+
+    def modes(net):
+        return net.refinement.attention.offset_mode, net.refinement.crf.offset_mode
+    assert modes(DRAMTrainerWithCRF.build_network_architecture(pm, cm, 1, 2, False)) == ("auto", "auto")
     monkeypatch.setenv("NNUNETV2_DRAM_REFINE_OFFSETS", "compiled")
-    net = DRAMTrainer.build_network_architecture(pm, cm, 1, 2, False)
-    assert (net.attention.offset_mode, net.crf.offset_mode) == ("compiled", "compiled")
-    assert DRAMTrainer.attention_kwargs == {} and DRAMTrainer.crf_kwargs == {}  # class defaults untouched
+    assert modes(DRAMTrainerWithCRF.build_network_architecture(pm, cm, 1, 2, False)) == ("compiled", "compiled")
+    assert "offset_mode" not in DRAMTrainerWithCRF.attention_settings  # class defaults untouched
+    assert "offset_mode" not in DRAMTrainerWithCRF.crf_settings
     monkeypatch.setenv("NNUNETV2_DRAM_REFINE_OFFSETS", "fused")
     with pytest.raises(SystemExit, match="NNUNETV2_DRAM_REFINE_OFFSETS='fused' must be one of auto, loop"):
-        DRAMTrainer.build_network_architecture(pm, cm, 1, 2, False)
+        DRAMTrainerWithCRF.build_network_architecture(pm, cm, 1, 2, False)
 
 
 @pytest.mark.parametrize("shape, pads, taps, strides", [((5, 6, 7), [1, 1, 1], [1, 1, 1], [1, 1, 1]),

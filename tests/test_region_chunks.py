@@ -97,3 +97,19 @@ def test_samples_follow_weak_labels_and_balance_bins():
     assert p[bins == 0].sum() == pytest.approx(p[bins != 0].sum())
     missing, problems = build_region_samples({"cX": region_bboxes(seg)}, weak)
     assert not missing and problems[0].case == "cX" and "no entry" in problems[0].message
+
+
+def test_a_chunks_spacing_is_the_zoomed_spacing(case):
+    """The refinement's CRF measures in mm: a chunk shrunk by a zoom of z has voxels 1/z times the size."""
+    data, seg, _ = _arrays(case)
+    spec = ChunkSpec.from_configuration((16, 24, 24), case.spacing, margin_mm=10.0)
+    samples, _ = build_region_samples({"c": region_bboxes(seg)}, None)
+    rng = np.random.default_rng(1)
+    _, _, placement, _ = extract_chunk(data, seg, samples[0], spec, rng=rng, zoom_jitter=(0.8, 0.8))
+    crop = [b - a for a, b in placement.crop]
+    assert all(r < c for r, c in zip(placement.resized_shape, crop))  # this chunk was shrunk
+    spacing = spec.chunk_spacing(placement)
+    assert spacing == pytest.approx([s * c / r for s, c, r in zip(case.spacing, crop, placement.resized_shape)])
+    # the chunk's physical extent is the crop's
+    assert [s * r for s, r in zip(spacing, placement.resized_shape)] == pytest.approx(
+        [s * c for s, c in zip(case.spacing, crop)])

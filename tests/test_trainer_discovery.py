@@ -7,8 +7,8 @@ import pytest
 
 from nnunetv2_dram.paths import trainers_path
 
-TRAINERS = ["DRAMTrainer", "DRAMTrainerNoRefine", "DRAMTrainerCoarseRefine", "DRAMTrainerFullRefine",
-            "DRAMTrainerSelfTraining", "DRAMTrainerBalancedLoss", "CAMTrainer", "nnUNetTrainerBudget"]
+TRAINERS = ["DRAMTrainer", "DRAMTrainerNoRefine", "CAMTrainer", "DRAMTrainerWithCRF", "DRAMTrainerWithoutCRF",
+            "DRAMTrainerCoarseRefinement", "nnUNetTrainerBudget"]
 
 
 def test_trainers_path_command_prints_the_trainers_folder():

@@ -25,29 +25,24 @@ def _split_encoder_decoder(backbone: nn.Module):
 
 
 class DenseRegressionNetwork(nn.Module):
-    """dRAM: nnU-Net's segmentation network with one output channel (the dRAM logit), optionally refined by a
-    local-affinity attention module over low-level features and a trainable dense CRF on the image."""
+    """dRAM: nnU-Net's segmentation network with one output channel (the dRAM logit), optionally followed by a
+    refinement (architectures/dram_refinement.py) that computes a refined map of its own from the detached dRAM,
+    the image and the backbone's first-stage features."""
 
     def __init__(self, backbone: nn.Module, dim: int, spacing: Sequence[float], image_channels: int,
-                 low_level_channels: int | None, refine: bool = True, attention_kwargs: dict | None = None,
-                 crf_kwargs: dict | None = None, refine_downsample: int = 1):
+                 low_level_channels: int | None, refinement: dict | None = None):
         super().__init__()
-        self.refine_downsample = int(refine_downsample)
         self.backbone = backbone
         self.dim = dim
-        self.refine = refine
         # kept on the host (not a buffer): the CRF builds its kernels from it, and reading a GPU tensor back every
         # step would make the CPU wait for the GPU
         self.spacing_mm = tuple(float(s) for s in spacing)
-        self.output_map = "refined" if refine else "dram"  # what forward(x) hands to nnU-Net's predictor
-        if refine:
-            from nnunetv2_dram.building_blocks.dense_crf import TrainableDenseCRF
-            from nnunetv2_dram.building_blocks.local_attention import LocalAffinityAttention
-            feat_channels = image_channels + (low_level_channels or 0)
-            self.attention = LocalAffinityAttention(in_channels=feat_channels, dim=dim, **(attention_kwargs or {}))
-            self.crf = TrainableDenseCRF(dim=dim, **(crf_kwargs or {}))
+        if refinement is not None:
+            from nnunetv2_dram.architectures.dram_refinement import DRAMRefinement
+            self.refinement = DRAMRefinement(dim, image_channels + (low_level_channels or 0), **refinement)
         else:
-            self.attention = self.crf = None
+            self.refinement = None
+        self.output_map = "refined" if refinement is not None else "dram"  # what forward(x) gives the predictor
 
     @property
     def decoder(self):  # lets nnU-Net-style code toggle deep supervision
@@ -60,42 +55,22 @@ class DenseRegressionNetwork(nn.Module):
         skips = enc(x)
         return dec(skips), skips[0]
 
-    def _refine(self, dram, feats, guide, spacing):
-        """Attention then CRF; with refine_downsample > 1 both run on an average-pooled grid (that many times fewer
-        voxels per axis) and only their correction is upsampled onto the full-resolution map, so the map keeps
-        its own detail while the refinement costs a fraction."""
-        k = self.refine_downsample
-        if k <= 1:
-            attended = self.attention(dram, feats)
-            return attended, self.crf(attended, guide, spacing)
-        mode = "trilinear" if dram.ndim == 5 else "bilinear"
-        size = dram.shape[2:]
-        small = [max(1, s // k) for s in size]
-        down = lambda t: F.adaptive_avg_pool3d(t, small) if t.ndim == 5 else F.adaptive_avg_pool2d(t, small)  # noqa: E731
-        up = lambda t: F.interpolate(t, size=size, mode=mode, align_corners=False)  # noqa: E731
-        d_low = down(dram)
-        factors = [s / m for s, m in zip(size, small)]  # mm per coarse voxel = mm per voxel x factor
-        if torch.is_tensor(spacing):  # (batch, dim) per-sample spacing
-            spacing_low = spacing * spacing.new_tensor(factors)
-        else:
-            spacing_low = [sp * f for sp, f in zip(spacing, factors)]
-        att_low = self.attention(d_low, down(feats))
-        ref_low = self.crf(att_low, down(guide), spacing_low)
-        return dram + up(att_low - d_low), dram + up(ref_low - d_low)
-
-    def forward(self, x: torch.Tensor, return_all: bool = False, spacing=None):
+    def forward(self, x: torch.Tensor, return_all: bool = False, spacing=None, region: torch.Tensor | None = None):
+        """return_all: {"dram": [logits per deep-supervision scale], "refined": logits or None}; otherwise the
+        two-channel tensor for nnU-Net's predictor. spacing: mm per axis of x's grid (default: the plan's), one row
+        per sample where chunks were zoomed; region (B, 1, *S): the region the sample is about, if any."""
         out, low = self._backbone(x)
         outs = list(out) if isinstance(out, (list, tuple)) else [out]
         dram = outs[0]
-        attended = refined = None
-        if self.refine:
-            # the attention only reads the backbone's features: it must not reshape them to suit itself
+        refined = None
+        if self.refinement is not None:
+            # the refinement reads the backbone's features and map but trains neither
             feats = x if low is None else torch.cat([x, low.detach().to(x.dtype)], dim=1)
-            attended, refined = self._refine(dram, feats, x[:, :1], self.spacing_mm if spacing is None else spacing)
+            refined = self.refinement(dram.detach(), feats, x[:, :1], self.spacing_mm if spacing is None else spacing,
+                                      region)
         if return_all:
-            return {"dram": outs, "attended": attended, "refined": refined}
-        final = refined if (refined is not None and self.output_map == "refined") else dram
-        return _two_channels(final)
+            return {"dram": outs, "refined": refined}
+        return _two_channels(refined if refined is not None else dram)
 
 
 class ClassActivationNetwork(nn.Module):
@@ -118,7 +93,7 @@ class ClassActivationNetwork(nn.Module):
     def decoder(self):
         return None
 
-    def forward(self, x: torch.Tensor, return_all: bool = False, spacing=None):
+    def forward(self, x: torch.Tensor, return_all: bool = False, spacing=None, region=None):
         skips = self.encoder(x)
         cam = self.head(skips[-1])
         if return_all:

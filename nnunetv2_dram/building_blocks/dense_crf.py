@@ -8,9 +8,9 @@ marginals Q_i(l) is
     F(Q) = sum_i sum_l Q_i(l) U_i(l)  +  sum_i sum_l Q_i(l) log Q_i(l)
            + 1/2 sum_{l,l'} mu(l, l') sum_{i,j} Q_i(l) [w_s K_s + w_b K_b]_ij Q_j(l')
 
-with unaries U_i(1) = -log sigmoid(z_i), U_i(0) = -log(1 - sigmoid(z_i)) from the input logits z, a symmetric 2x2
-label compatibility mu (initialised Potts: 0 on the diagonal, 1 off it), two learnable non-negative kernel weights
-(softplus-parameterised) and two normalised kernels:
+with unaries U_i(1) = -log sigmoid(z_i), U_i(0) = -log(1 - sigmoid(z_i)) from the input logits z, the Potts label
+compatibility mu (0 on the diagonal, 1 off it; fixed, so the model stays a smoother and cannot learn to reverse or
+amplify contrast), two non-negative kernel weights and two normalised kernels:
 
 * spatial   K_s(i, j) ~ exp(-|p_i - p_j|^2 / 2 theta_gamma^2)                      (p in millimetres)
 * bilateral K_b(i, j) ~ exp(-|p_i - p_j|^2 / 2 theta_alpha^2 - |I_i - I_j|^2 / 2 theta_beta^2)
@@ -29,17 +29,23 @@ that exist: inside the volume and inside the mask). This is what pydensecrf/dens
 (NORMALIZE_SYMMETRIC), so `w_spatial`/`w_bilateral` mean the same in both backends, and it makes a message a
 *weighted average* of the neighbours' marginals (about 1 for a voxel surrounded by lesion) whatever the number of
 voxels the kernel covers. Hence the weights mean "how many logits a fully agreeing neighbourhood adds" in 2-D and in
-3-D alike, at any spacing. Initial weights: w_spatial=3 (densecrf's usual smoothness weight) and w_bilateral=5
-(half the appearance weight of 10 used for photographs: CT intensities within a lesion are noisier than colours).
+3-D alike, at any spacing.
+
+Strength. With Potts, a voxel's logit moves by up to +-(w_spatial + w_bilateral): towards lesion where its kernel
+neighbourhood is lesion, towards background where it is background. A lesion smaller than the kernels sees mostly
+background, so strong weights erase it: at densecrf's photograph weights (3 and 5) a 5 mm-radius lesion with a unary
+probability of 0.7 on a flat image vanishes completely. The trainable defaults are 0.5 and 0.5, under which such a
+lesion keeps all of its voxels in 2-D and 3-D (tests/test_dense_crf.py), and learnable weights are bounded:
+w = max_kernel_weight * sigmoid(raw), max_kernel_weight = 1 by default. Fixed weights (learnable=False, the
+pseudo-label CRF's torch backend) are taken as given.
 The symmetric (rather than row) normalisation keeps K~ symmetric, which the free energy above needs.
 
 Self term and convergence. Like densecrf the kernels include the voxel itself (k_ii = 1). Both kernels are made
 positive semidefinite: the per-axis tap weights of each separable spatial profile get the smallest centre increment
 that makes their Fourier symbol non-negative (truncating a sampled Gaussian leaves it slightly negative), and a
 product of PSD Toeplitz factors times a Gaussian intensity kernel (Schur product) restricted to the mask is PSD. With
-a Potts-like compatibility (mu00 + mu11 <= 2 mu01) the pairwise term is then concave in Q and the parallel mean-field
-update is a concave-convex step that never increases F (Kraehenbuehl & Koltun, ICML 2013) -- the test checks this.
-A learned compatibility can leave that regime; the update stays well defined but monotonicity is no longer promised.
+the Potts compatibility the pairwise term is then concave in Q and the parallel mean-field update is a concave-convex
+step that never increases F (Kraehenbuehl & Koltun, ICML 2013) -- the test checks this.
 
 Spatial kernel. Exact separable 1-D convolutions with the sampled Gaussian truncated at 3 sigma per axis.
 
@@ -91,10 +97,6 @@ from nnunetv2_dram.building_blocks.offset_windows import (check_offset_mode, com
 #: logit written for voxels outside the mask (sigmoid ~ 2e-9): clamped to background.
 OUTSIDE_MASK_LOGIT = -20.0
 _SPATIAL_TRUNCATE_SIGMAS = 3.0
-
-
-def _inverse_softplus(value: float) -> float:
-    return value + math.log(-math.expm1(-value))
 
 
 def psd_gaussian_taps(tap_positions_mm: np.ndarray, sigma_mm: float) -> np.ndarray:
@@ -345,7 +347,8 @@ class _StackedBilateralKernel:
 
 
 class TrainableDenseCRF(nn.Module):
-    """Binary mean-field dense CRF with learnable kernel weights and label compatibility (see module docstring).
+    """Binary mean-field dense CRF with learnable, bounded kernel weights and a Potts compatibility (see module
+    docstring).
 
     Args:
         dim: 2 or 3 spatial dimensions.
@@ -356,7 +359,8 @@ class TrainableDenseCRF(nn.Module):
         window: bilateral taps per side and axis (default 3 in 2-D, 2 in 3-D).
         bilateral_reach_sigmas: the outermost bilateral tap sits at this many theta_alpha (per axis).
         w_spatial, w_bilateral: initial (or, with learnable=False, fixed) kernel weights.
-        learnable: whether kernel weights and compatibility are parameters (else buffers).
+        learnable: whether the kernel weights are parameters (else fixed).
+        max_kernel_weight: upper bound of a learnable kernel weight (w = max_kernel_weight * sigmoid(raw)).
         kernel_dtype: storage dtype of the pre-computed bilateral weights (float16 halves their memory).
         offset_mode: "auto" (default: one window view per message on CUDA, the per-offset loop otherwise),
             "stacked", "loop" or "compiled" (while training: the stacked sums through torch.compile); the same
@@ -365,47 +369,71 @@ class TrainableDenseCRF(nn.Module):
 
     def __init__(self, dim: int, iterations: int = 5, spatial_sigma_mm: float = 3.0, bilateral_sigma_mm: float = 8.0,
                  intensity_sigma: float = 0.15, window: int | None = None, bilateral_reach_sigmas: float = 1.5,
-                 w_spatial: float = 3.0, w_bilateral: float = 5.0, learnable: bool = True,
-                 kernel_dtype: torch.dtype = torch.float32, offset_mode: str = "auto"):
+                 w_spatial: float = 0.5, w_bilateral: float = 0.5, learnable: bool = True,
+                 kernel_dtype: torch.dtype = torch.float32, offset_mode: str = "auto", max_kernel_weight: float = 1.0):
         super().__init__()
-        self.offset_mode = check_offset_mode(offset_mode)
         if dim not in (2, 3):
             raise ValueError(f"dim must be 2 or 3, got {dim}")
-        if iterations < 0:
-            raise ValueError(f"iterations must be >= 0, got {iterations}")
-        for name, value in (("spatial_sigma_mm", spatial_sigma_mm), ("bilateral_sigma_mm", bilateral_sigma_mm),
-                            ("intensity_sigma", intensity_sigma), ("bilateral_reach_sigmas", bilateral_reach_sigmas),
-                            ("w_spatial", w_spatial), ("w_bilateral", w_bilateral)):
+        for name, value in (("w_spatial", w_spatial), ("w_bilateral", w_bilateral)):
             if not (value > 0 and math.isfinite(value)):
                 raise ValueError(f"{name} must be a positive finite number, got {value}")
         self.dim = dim
+        self.configure(iterations=iterations, spatial_sigma_mm=spatial_sigma_mm,
+                       bilateral_sigma_mm=bilateral_sigma_mm, intensity_sigma=intensity_sigma, window=window,
+                       bilateral_reach_sigmas=bilateral_reach_sigmas, offset_mode=offset_mode)
+        self.kernel_dtype = kernel_dtype
+        self.learnable = bool(learnable)
+        self.max_kernel_weight = float(max_kernel_weight)
+        self.register_buffer("compatibility", torch.tensor([[0.0, 1.0], [1.0, 0.0]]), persistent=False)
+        if learnable:
+            if not max(w_spatial, w_bilateral) < self.max_kernel_weight:
+                raise ValueError(f"learnable kernel weights must start below max_kernel_weight="
+                                 f"{self.max_kernel_weight}; got w_spatial={w_spatial}, w_bilateral={w_bilateral}")
+            self.raw_kernel_weights = nn.Parameter(torch.logit(torch.tensor([w_spatial, w_bilateral])
+                                                               / self.max_kernel_weight))
+        else:
+            self.register_buffer("fixed_kernel_weights", torch.tensor([float(w_spatial), float(w_bilateral)]),
+                                 persistent=False)
+
+    def configure(self, iterations: int, spatial_sigma_mm: float, bilateral_sigma_mm: float, intensity_sigma: float,
+                  window: int | None, bilateral_reach_sigmas: float, offset_mode: str) -> None:
+        """(Re)set everything that is not a parameter: iterations, kernel widths, bilateral window, implementation."""
+        if iterations < 0:
+            raise ValueError(f"iterations must be >= 0, got {iterations}")
+        for name, value in (("spatial_sigma_mm", spatial_sigma_mm), ("bilateral_sigma_mm", bilateral_sigma_mm),
+                            ("intensity_sigma", intensity_sigma), ("bilateral_reach_sigmas", bilateral_reach_sigmas)):
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a positive finite number, got {value}")
+        window = int(window if window is not None else (3 if self.dim == 2 else 2))
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.offset_mode = check_offset_mode(offset_mode)
         self.iterations = int(iterations)
         self.spatial_sigma_mm = float(spatial_sigma_mm)
         self.bilateral_sigma_mm = float(bilateral_sigma_mm)
         self.intensity_sigma = float(intensity_sigma)
-        self.window = int(window if window is not None else (3 if dim == 2 else 2))
-        if self.window < 1:
-            raise ValueError(f"window must be >= 1, got {window}")
+        self.window = window
         self.bilateral_reach_sigmas = float(bilateral_reach_sigmas)
-        self.kernel_dtype = kernel_dtype
-        raw_weights = torch.tensor([_inverse_softplus(w_spatial), _inverse_softplus(w_bilateral)])
-        potts = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
-        if learnable:
-            self.raw_kernel_weights = nn.Parameter(raw_weights)
-            self.compatibility = nn.Parameter(potts)
-        else:
-            self.register_buffer("raw_kernel_weights", raw_weights)
-            self.register_buffer("compatibility", potts)
+
+    def settings(self) -> dict:
+        """What `configure` takes, plus the weights' bound and parameterisation."""
+        return {"iterations": self.iterations, "spatial_sigma_mm": self.spatial_sigma_mm,
+                "bilateral_sigma_mm": self.bilateral_sigma_mm, "intensity_sigma": self.intensity_sigma,
+                "window": self.window, "bilateral_reach_sigmas": self.bilateral_reach_sigmas,
+                "offset_mode": self.offset_mode, "learnable": self.learnable,
+                "max_kernel_weight": self.max_kernel_weight}
 
     # ----------------------------------------------------------------------------------------------- parameters
     @property
     def kernel_weights(self) -> torch.Tensor:
-        """(w_spatial, w_bilateral), non-negative."""
-        return F.softplus(self.raw_kernel_weights)
+        """(w_spatial, w_bilateral): non-negative, below max_kernel_weight when learnable."""
+        if self.learnable:
+            return self.max_kernel_weight * torch.sigmoid(self.raw_kernel_weights)
+        return self.fixed_kernel_weights
 
     def symmetric_compatibility(self) -> torch.Tensor:
-        """mu as used by the energy: only the symmetric part of the 2x2 parameter enters a pairwise energy."""
-        return 0.5 * (self.compatibility + self.compatibility.t())
+        """mu as used by the energy (Potts)."""
+        return self.compatibility
 
     def receptive_radius(self, spacing: Sequence[float]) -> list[int]:
         """Per-axis voxel reach of one message (max of spatial truncation and bilateral outer tap)."""

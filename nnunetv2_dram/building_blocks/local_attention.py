@@ -6,8 +6,12 @@ kernel_size^dim cube at every dilation (itself included):
 
     a_ij = softmax_j( s(f_i, f_j) ),      m'_i = (1 - gamma) m_i + gamma * sum_j a_ij m_j
 
-repeated `iterations` times with the same affinities (a lazy random walk on the affinity graph). gamma =
-sigmoid(mix_logit) is learnable, initialised at 0.5.
+repeated `iterations` times with the same affinities (a lazy random walk on the affinity graph). gamma is either
+learnable (gamma = sigmoid(mix_logit), initialised at `init_mix`, 0.5 by default) or fixed (`learn_mix=False`; up to
+1, a full replacement of each voxel by its neighbourhood's weighted mean, as in the authors' PCM). A learnable gamma
+gives self-training an easy way out: the refined map is trained towards the thresholded input, which the identity
+(gamma -> 0) reproduces best among convex combinations, so gamma collapses instead of the affinities learning where
+edges are. With gamma fixed, only the affinities can lower the loss.
 
 Similarity. Default `similarity="distance"`: s_ij = -|e_i - e_j|^2 / sqrt(d), e = theta(f) a 1x1 convolution to d
 (= proj_channels) dimensions. It is a true similarity: a voxel's own score (0) is the highest and a neighbour
@@ -33,15 +37,16 @@ Speed. The neighbour distances and the propagation are two custom autograd funct
 shifted slices of a padded tensor allocates and zero-fills a padded gradient per slice in the backward pass (it
 took 65% of the module's time on the CPU, backward 5x the forward); the custom backward passes accumulate into one
 padded buffer instead. The distance to neighbour -d is the distance to +d read one offset back, so only half of
-the offsets touch the d-channel features. On CUDA, small grids (DRAMTrainer's coarse one) take the "stacked" path
-instead: all neighbours through one window view (offset_windows.py; `offset_mode`), a few kernels rather than a few
+the offsets touch the d-channel features. On CUDA, grids up to offset_windows.STACKED_MAX_VOXELS take the "stacked"
+path instead: all neighbours through one window view (offset_windows.py; `offset_mode`), a few kernels rather than a few
 per offset, with autograd's backward. That path is the pure function `_stacked_refinement`, so that
 `offset_mode="compiled"` can hand it to torch.compile while training (fused multiply-and-sum kernels, no window
 temporaries).
 
 Initialisation. Affinities from a randomly initialised projection on locally smooth features are close to uniform
-over similar neighbours, so the module starts as a mild edge-aware smoothing blended half with the identity (it
-cannot start from garbage: the output is a convex combination of nearby input logits).
+over similar neighbours, so the module starts as a mild edge-aware smoothing, blended with the identity by the mix
+(half and half with the default init_mix=0.5; DRAMTrainer uses a fixed mix of 1). It cannot start from garbage: the
+output is a convex combination of nearby input logits.
 
 Downsampling. With `downsample` > 1 the map and features are average-pooled by that factor, refined there, and only
 the *residual* (refined - pooled) is upsampled (linear interpolation) and added to the full-resolution input, so fine
@@ -216,38 +221,64 @@ class LocalAffinityAttention(nn.Module):
 
     def __init__(self, in_channels: int, dim: int, proj_channels: int = 8, kernel_size: int = 3,
                  dilations: Sequence[int] = (1,), iterations: int = 1, downsample: int = 1,
-                 similarity: str = "distance", init_mix: float = 0.5, offset_mode: str = "auto"):
+                 similarity: str = "distance", init_mix: float = 0.5, offset_mode: str = "auto",
+                 learn_mix: bool = True):
         super().__init__()
-        self.offset_mode = check_offset_mode(offset_mode)
         if dim not in (2, 3):
             raise ValueError(f"dim must be 2 or 3, got {dim}")
+        if proj_channels < 1 or in_channels < 1:
+            raise ValueError("in_channels and proj_channels must be >= 1")
+        if similarity not in SIMILARITIES:
+            raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+        if not (0.0 < init_mix < 1.0 or (not learn_mix and init_mix == 1.0)):
+            raise ValueError(f"init_mix must be in (0, 1) (or 1 with learn_mix=False), got {init_mix}")
+        self.dim = dim
+        self.in_channels = in_channels
+        self.proj_channels = proj_channels
+        self.similarity = similarity
+        conv = nn.Conv3d if dim == 3 else nn.Conv2d
+        self.theta = conv(in_channels, proj_channels, kernel_size=1)
+        self.phi = conv(in_channels, proj_channels, kernel_size=1) if similarity == "relu_dot" else None
+        self.learn_mix = bool(learn_mix)
+        if learn_mix:
+            self.mix_logit = nn.Parameter(torch.tensor(math.log(init_mix / (1.0 - init_mix))))
+        else:
+            self.fixed_mix = float(init_mix)
+        self.configure(kernel_size=kernel_size, dilations=dilations, iterations=iterations, downsample=downsample,
+                       offset_mode=offset_mode)
+
+    def configure(self, kernel_size: int, dilations: Sequence[int], iterations: int, downsample: int,
+                  offset_mode: str) -> None:
+        """(Re)set everything that is not a parameter: neighbourhood, iterations, grid, implementation."""
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")
         dilations = tuple(int(d) for d in dilations)
         if not dilations or any(d < 1 for d in dilations):
             raise ValueError(f"dilations must be positive integers, got {dilations}")
-        if iterations < 1 or downsample < 1 or proj_channels < 1 or in_channels < 1:
-            raise ValueError("in_channels, proj_channels, iterations and downsample must be >= 1")
-        if similarity not in SIMILARITIES:
-            raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
-        if not 0.0 < init_mix < 1.0:
-            raise ValueError(f"init_mix must be in (0, 1), got {init_mix}")
-        self.dim = dim
-        self.in_channels = in_channels
-        self.proj_channels = proj_channels
+        if iterations < 1 or downsample < 1:
+            raise ValueError("iterations and downsample must be >= 1")
+        self.offset_mode = check_offset_mode(offset_mode)
+        self.kernel_size = int(kernel_size)
+        self.dilations = dilations
         self.iterations = int(iterations)
         self.downsample = int(downsample)
-        self.similarity = similarity
-        self.offsets = neighbourhood_offsets(dim, kernel_size, dilations)
+        self.offsets = neighbourhood_offsets(self.dim, kernel_size, dilations)
         self.pad = max(dilations) * (kernel_size // 2)
-        conv = nn.Conv3d if dim == 3 else nn.Conv2d
-        self.theta = conv(in_channels, proj_channels, kernel_size=1)
-        self.phi = conv(in_channels, proj_channels, kernel_size=1) if similarity == "relu_dot" else None
-        self.mix_logit = nn.Parameter(torch.tensor(math.log(init_mix / (1.0 - init_mix))))
         self._invalid_cache: tuple | None = None  # (shape, device) -> mask of neighbours outside the volume
         # one dilation: the offsets are a grid, so the stacked implementation (offset_windows.py) applies
         self._grid = (kernel_size // 2, dilations[0]) if len(set(dilations)) == 1 else None
         self._invalid_grid_cache: tuple | None = None
+
+    def mix(self) -> torch.Tensor | float:
+        """gamma: how much of each voxel's value is replaced by its neighbourhood's weighted mean per iteration."""
+        return torch.sigmoid(self.mix_logit.float()) if self.learn_mix else self.fixed_mix
+
+    def settings(self) -> dict:
+        """What `configure` takes, plus the settings that shape the parameters (which `configure` cannot change)."""
+        return {"kernel_size": self.kernel_size, "dilations": list(self.dilations), "iterations": self.iterations,
+                "downsample": self.downsample, "offset_mode": self.offset_mode, "proj_channels": self.proj_channels,
+                "similarity": self.similarity, "in_channels": self.in_channels, "learn_mix": self.learn_mix,
+                "fixed_mix": None if self.learn_mix else self.fixed_mix}
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, neighbours={len(self.offsets)}, iterations={self.iterations}, "
@@ -267,8 +298,9 @@ class LocalAffinityAttention(nn.Module):
         self._invalid_cache = (key, invalid)
         return invalid
 
-    def affinities(self, features: torch.Tensor) -> torch.Tensor:
-        """Attention weights (B, K, *S) over `self.offsets`; each voxel's weights sum to one."""
+    def affinities(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention weights (B, K, *S) over `self.offsets`; each voxel's weights sum to one. With a region `mask`
+        (B, 1, *S), a voxel only attends to neighbours on its own side of the region's border."""
         embedded = self.theta(features)
         scale = 1.0 / math.sqrt(self.proj_channels)
         if self.similarity == "distance":
@@ -279,7 +311,13 @@ class LocalAffinityAttention(nn.Module):
             padded_key = _pad(self.phi(features), self.pad)
             scores = torch.cat([F.relu((embedded * _shifted_view(padded_key, o, self.pad)).sum(1, keepdim=True)).float()
                                 for o in self.offsets], 1) * scale
-        scores = scores.masked_fill(self._invalid_neighbours(features.shape[2:], features.device), float("-inf"))
+        invalid = self._invalid_neighbours(features.shape[2:], features.device)
+        if mask is not None:
+            inside = mask > 0.5
+            padded = _pad(inside.to(torch.uint8), self.pad)
+            crossing = torch.cat([_shifted_view(padded, o, self.pad).bool() != inside for o in self.offsets], 1)
+            invalid = invalid | crossing
+        scores = scores.masked_fill(invalid, float("-inf"))
         return torch.softmax(scores, dim=1)
 
     def _propagate(self, weights: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -293,32 +331,40 @@ class LocalAffinityAttention(nn.Module):
             self._invalid_grid_cache = (key, ~inside)
         return self._invalid_grid_cache[1]
 
-    def _refine_stacked(self, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    def _refine_stacked(self, logits: torch.Tensor, features: torch.Tensor, mask: torch.Tensor | None = None
+                        ) -> torch.Tensor:
         """`_refine` with every neighbour read through one window view (a few kernels instead of a few per
         offset), compiled into fused kernels in offset mode "compiled"; the same numbers up to float rounding, with
         autograd's backward."""
         embedded = self.theta(features).float()
         key = None if self.phi is None else self.phi(features).float()
         invalid = self._invalid_window(features.shape[2:], features.device)
-        mix = torch.sigmoid(self.mix_logit.float())
+        if mask is not None:
+            inside = (mask > 0.5).to(torch.uint8)
+            crossing = _grid_window(inside, self.pad, *self._grid)[:, 0] != expand_to_window(inside, self.dim)[:, 0]
+            invalid = invalid | crossing
+        mix = self.mix()
         fused = use_compiled(self.offset_mode)
         refine = compiled(_stacked_refinement) if fused else _stacked_refinement
         return refine(embedded, key, logits.float(), invalid, mix, self.pad, *self._grid, self.iterations,
                       1.0 / math.sqrt(self.proj_channels), gathered_backward=fused)
 
-    def _refine(self, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    def _refine(self, logits: torch.Tensor, features: torch.Tensor, mask: torch.Tensor | None = None
+                ) -> torch.Tensor:
         if self._grid is not None and use_stacked(self.offset_mode, logits):
-            return self._refine_stacked(logits, features)
-        weights = self.affinities(features)
-        mix = torch.sigmoid(self.mix_logit.float())
+            return self._refine_stacked(logits, features, mask)
+        weights = self.affinities(features, mask)
+        mix = self.mix()
         refined = logits.float()
         for _ in range(self.iterations):
             refined = refined + mix * (self._propagate(weights, refined) - refined)
         return refined
 
     # ------------------------------------------------------------------------------------------------ forward
-    def forward(self, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        """Refined logits (B, 1, *S) from logits (B, 1, *S) and features (B, in_channels, *S)."""
+    def forward(self, logits: torch.Tensor, features: torch.Tensor, mask: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """Refined logits (B, 1, *S) from logits (B, 1, *S) and features (B, in_channels, *S). mask (B, 1, *S),
+        optional: a region; no voxel then attends across its border (inside and outside are refined apart)."""
         if logits.ndim != self.dim + 2 or logits.shape[1] != 1:
             raise ValueError(f"logits must be (B, 1, *S) with {self.dim} spatial axes; got {tuple(logits.shape)}")
         if (features.ndim != logits.ndim or features.shape[0] != logits.shape[0]
@@ -326,13 +372,17 @@ class LocalAffinityAttention(nn.Module):
             raise ValueError(f"features must be (B={logits.shape[0]}, {self.in_channels}, "
                              f"{', '.join(map(str, logits.shape[2:]))}); got {tuple(features.shape)} -- resample "
                              f"the features to the map's grid first")
+        if mask is not None and (mask.shape[0] != logits.shape[0] or mask.shape[1] != 1
+                                 or mask.shape[2:] != logits.shape[2:]):
+            raise ValueError(f"mask must be (B, 1, *S) matching logits {tuple(logits.shape)}; got {tuple(mask.shape)}")
         if self.downsample == 1:
-            return self._refine(logits, features)
+            return self._refine(logits, features, mask)
         size = tuple(logits.shape[2:])
         coarse_size = tuple(max(1, math.ceil(s / self.downsample)) for s in size)
         pool = F.adaptive_avg_pool3d if self.dim == 3 else F.adaptive_avg_pool2d
         coarse_logits = pool(logits, coarse_size)
         coarse_features = pool(features, coarse_size)
-        residual = self._refine(coarse_logits, coarse_features) - coarse_logits.float()
+        coarse_mask = None if mask is None else (pool(mask.float(), coarse_size) > 0.5).float()
+        residual = self._refine(coarse_logits, coarse_features, coarse_mask) - coarse_logits.float()
         mode = "trilinear" if self.dim == 3 else "bilinear"
         return logits.float() + F.interpolate(residual, size=size, mode=mode, align_corners=False)

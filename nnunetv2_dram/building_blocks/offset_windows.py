@@ -1,11 +1,10 @@
 """Every neighbour of a regular grid of offsets as one strided view, so that a sum over offsets is one kernel.
 
 The dense CRF and the attention sum over a window of neighbour offsets. Looping over the offsets issues a few small
-kernels per offset (8,542 torch operators per forward + backward of attention + CRF as DRAMTrainer trains them): cheap on a CPU, where the loop's in-place
-accumulation keeps memory at O(voxels), but on a GPU the refinement is then bound by kernel launches -- on an H200
-(2026-11-27) the refinement on DRAMTrainer's half-resolution grid, 1/8 of the voxels, still took 0.053 s against
-0.094 s at full resolution, and it doubled the time of a training step. When the offsets form a grid -- per axis
-k * stride for k = -n..n -- `window_view` returns all neighbours at once as a view of the padded tensor (no copy):
+kernels per offset (thousands of torch operators per forward + backward of attention + CRF as the trainers run them):
+cheap on a CPU, where the loop's in-place accumulation keeps memory at O(voxels), but on a GPU such a loop is bound by
+kernel launches rather than arithmetic. When the offsets form a grid -- per axis k * stride for k = -n..n --
+`window_view` returns all neighbours at once as a view of the padded tensor (no copy):
 
     view[b, c, *i, *t] = padded[b, c, *(pad + i + (t - n) * stride)]
 
@@ -15,14 +14,13 @@ kernels), "auto" (stacked for CUDA tensors of at most STACKED_MAX_VOXELS voxels,
 (while gradients are on, i.e. in training: the stacked sums through `torch.compile`, which fuses each multiply with
 its reduction so the window temporaries are never written; otherwise "auto").
 
-Measured on an H200 (2026-11-27, benchmarks/refinement_speed.py, attention + CRF forward + backward as trained,
-batch 2): on DRAMTrainer's coarse grid (2 x 48x80x80 = 0.6 M voxels) stacked 0.020 s vs loop 0.065 s; at full
-resolution (2 x 96x160x160 = 4.9 M voxels), where the temporaries' memory traffic dominates, stacked 0.119 s vs loop
-0.095 s. The threshold sits between the two, below the 2^21-voxel tiles of `TrainableDenseCRF.refine_large`
-(whose full-CT timing, 47-53x pydensecrf, was measured with the loop). On the CPU the loop is faster at every size
-(coarse grid, 1 thread: 0.11 vs 0.75 s). With the stacked views the refinement is no longer launch-bound: replayed as
-one CUDA graph it took 0.0193 instead of 0.0197 s (H200), and the profiler puts its time in the multiply-and-sum over
-the window temporaries, i.e. memory traffic.
+Where each wins (benchmarks/refinement_speed.py, attention + CRF forward + backward, batch 2, on a data-centre GPU):
+at 2 x 48x80x80 = 0.6 M voxels the stacked sums took about a third of the loop's time; at 2 x 96x160x160 = 4.9 M
+voxels, where the temporaries' memory traffic dominates, they took longer than the loop. STACKED_MAX_VOXELS sits
+between the two, below the 2^21-voxel tiles of `TrainableDenseCRF.refine_large`, whose tiles therefore take the
+loop. On the CPU the loop is faster at every size. With the stacked views the sums are no longer launch-bound:
+replayed as one CUDA graph they take about the same time, and the profiler puts it in the multiply-and-sum over the
+window temporaries, i.e. memory traffic.
 """
 from __future__ import annotations
 

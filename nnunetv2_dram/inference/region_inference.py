@@ -14,9 +14,11 @@ import torch
 from nnunetv2_dram.building_blocks.region_pooling import region_mean
 from nnunetv2_dram.training.region_chunks import ChunkSpec, RegionSample, extract_chunk, paste_chunk
 
-def lesion_logits(network, x: torch.Tensor, kind: str = "final") -> torch.Tensor:
-    """Full-resolution single-channel lesion logits of a DenseRegressionNetwork or ClassActivationNetwork."""
-    out = network(x, return_all=True)
+def lesion_logits(network, x: torch.Tensor, kind: str = "final", spacing=None, region: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """Full-resolution single-channel lesion logits of a DenseRegressionNetwork or ClassActivationNetwork; spacing
+    (mm per axis of x's grid, one row per sample) and region (B, 1, *S) go to the refinement, as in training."""
+    out = network(x, return_all=True, spacing=spacing, region=region)
     if "cam" in out:
         mode = "trilinear" if x.ndim == 5 else "bilinear"
         return torch.nn.functional.interpolate(out["cam"], size=x.shape[2:], mode=mode, align_corners=False)
@@ -50,14 +52,15 @@ def predict_case_by_regions(network, data, seg, samples: Sequence[RegionSample],
         chunks = [extract_chunk(data, seg_np, s, spec) for s in batch]
         x = torch.stack([c[0] for c in chunks]).to(device)
         m = torch.stack([c[1] for c in chunks]).to(device)
+        spacing = [spec.chunk_spacing(c[2]) for c in chunks] if spec.spacing is not None else None
         dev_ctx = torch.autocast(device.type, enabled=True) if device.type == "cuda" else _null()
         with dev_ctx:
-            logits = lesion_logits(network, x, kind).float()
+            logits = lesion_logits(network, x, kind, spacing, m).float()
             if mirror_axes:  # test-time mirroring, as nnU-Net's predictor does
                 n = 1
                 for axis in mirror_axes:
                     d = [axis + 2]
-                    logits = logits + lesion_logits(network, x.flip(d), kind).float().flip(d)
+                    logits = logits + lesion_logits(network, x.flip(d), kind, spacing, m.flip(d)).float().flip(d)
                     n += 1
                 logits = logits / n
         p = torch.sigmoid(logits)
@@ -74,3 +77,21 @@ class _null:
 
     def __exit__(self, *a):
         return False
+
+
+def fill_outside_regions(prob: np.ndarray, inside: np.ndarray, spacing=None) -> np.ndarray:
+    """`prob` with every voxel outside the regions set to the value of the nearest region voxel.
+
+    Maps are 0 outside the regions. Resampled to another grid as they are, every region voxel next to the border
+    would be averaged with those zeros and damped: sub-pleural lesions would fade. Extended outwards first, a
+    region voxel keeps its own value; the caller masks the outside again on the new grid."""
+    from scipy import ndimage
+    inside = np.asarray(inside, dtype=bool)
+    if inside.all() or not inside.any():
+        return prob
+    sampling = None
+    if spacing is not None:  # mm per axis; a single-slice axis in front of a 2-D spacing counts as 1 mm
+        sampling = [1.0] * max(0, inside.ndim - len(spacing)) + [float(s) for s in spacing][-inside.ndim:]
+    nearest = ndimage.distance_transform_edt(~inside, sampling=sampling, return_distances=False, return_indices=True)
+    return prob[tuple(nearest)]
+

@@ -1,6 +1,6 @@
 """Regression of a pooled fraction onto a weak target interval.
 
-Every weak target is an interval [low, high] of the region's lesion fraction (SPEC §1): an exact percentage is a
+Every weak target is an interval [low, high] of the region's lesion fraction (docs/reference.md, "weak_labels.json"): an exact percentage is a
 zero-width interval, a CT severity score its band. The loss is zero inside the interval and grows linearly
 outside it, so an exact target reduces to the absolute error |p - t| and a CTSS target only pushes a prediction
 that left its band (the role of the authors' max(0, (p - lo)(p - hi)) hinge, but with a gradient that does

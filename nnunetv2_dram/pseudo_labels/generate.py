@@ -26,6 +26,9 @@ from nnunetv2_dram.io_utils import atomic_path, atomic_write_json
 from nnunetv2_dram.weak_labels.format import FILENAME as WEAK_LABELS_FILE, read_weak_labels
 
 MARKER = ".nnunetv2_dram_pseudolabels.json"
+#: width of the dense CRF's intensity kernel on CT, in HU: about twice the noise of a clinical CT (20-40 HU), below
+#: the contrast of ground glass against aerated lung (150-400 HU)
+CRF_INTENSITY_SIGMA_HU = 60.0
 
 
 class PseudoLabelError(Exception):
@@ -171,14 +174,16 @@ def predict_probability(model: LoadedModel, data, seg, props, map_kind: str = "f
     """Lesion probability of one case in its original geometry (nnU-Net's export does the resampling)."""
     import torch
     from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
-    from nnunetv2_dram.inference.region_inference import predict_case_by_regions
+    from nnunetv2_dram.inference.region_inference import fill_outside_regions, predict_case_by_regions
     from nnunetv2_dram.training.region_chunks import build_region_samples, region_bboxes
 
     index = {"case": region_bboxes(seg)}
     samples, _ = build_region_samples(index, None)
     pred = predict_case_by_regions(model.network, data, seg, samples, model.spec, model.device, kind=map_kind,
                                    mirror_axes=model.mirror_axes)
-    p = np.clip(pred.probability, 1e-6, 1 - 1e-6)
+    regions = np.asarray(seg)[0] > 0
+    regions = regions[0] if pred.probability.ndim == 2 else regions
+    p = np.clip(fill_outside_regions(pred.probability, regions, model.configuration_manager.spacing), 1e-6, 1 - 1e-6)
     logit = np.log(p / (1 - p)).astype(np.float32)
     if logit.ndim == 2:
         logit = logit[None]
@@ -201,9 +206,12 @@ def _bbox_slices(mask: np.ndarray, margin: int = 4):
 
 def refine_and_threshold(prob: np.ndarray, image: np.ndarray, regions: np.ndarray, spacing, settings,
                          targets: dict, intensity_norm: tuple[float, float], crf_backend: str | None = None,
-                         crf_device: str = "cpu", memory_share: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+                         crf_device: str = "cpu", memory_share: float = 1.0, ct_image: bool = True
+                         ) -> tuple[np.ndarray, np.ndarray]:
     """-> (refined probability, uint8 label). Arrays (Z, Y, X) in the original geometry. crf_backend/crf_device: as
-    `crf_backend_and_device` gives them (default: resolved for the CPU)."""
+    `crf_backend_and_device` gives them (default: resolved for the CPU). intensity_norm: (mean, std) the image is
+    z-scored with for the CRF; ct_image: the image is in HU, so the CRF's intensity kernel is CRF_INTENSITY_SIGMA_HU
+    wide unless settings.crf_params say otherwise (else DEFAULT_CRF_PARAMS' width in z-score units)."""
     from nnunetv2_dram.pseudo_labels.thresholds import pseudo_label
     prob = np.where(regions > 0, prob, 0).astype(np.float32)
     refined = prob
@@ -213,6 +221,10 @@ def refine_and_threshold(prob: np.ndarray, image: np.ndarray, regions: np.ndarra
             from nnunetv2_dram.inference.crf_refine import refine_probability
             mean, std = intensity_norm
             guide = ((image[box].astype(np.float32) - mean) / max(std, 1e-6))
+            params = dict(settings.crf_params)
+            if "intensity_sigma" not in params and ct_image:
+                # a width in HU: about twice a clinical CT's noise, whatever the dataset's intensity spread
+                params["intensity_sigma"] = CRF_INTENSITY_SIGMA_HU / max(std, 1e-6)
             p, g, m = prob[box], guide, regions[box] > 0
             sp = list(spacing)
             if p.shape[0] == 1:  # one slice: a 2-D CRF
@@ -220,7 +232,7 @@ def refine_and_threshold(prob: np.ndarray, image: np.ndarray, regions: np.ndarra
             if crf_backend is None:
                 crf_backend, crf_device = crf_backend_and_device(settings.crf_backend, "cpu")
             r = refine_probability(p, g, sp, backend=crf_backend, device=crf_device, mask=m,
-                                   memory_share=memory_share, **settings.crf_params)
+                                   memory_share=memory_share, **params)
             refined = prob.copy()
             refined[box] = r.reshape(refined[box].shape)
             refined = np.where(regions > 0, refined, 0).astype(np.float32)
@@ -229,7 +241,8 @@ def refine_and_threshold(prob: np.ndarray, image: np.ndarray, regions: np.ndarra
         threshold = float(threshold)
     except ValueError:
         pass
-    label = pseudo_label(refined, regions, threshold, targets, settings.ignore_band)
+    # ties (the CRF saturates many voxels at the same value) are broken by the map before the CRF
+    label = pseudo_label(refined, regions, threshold, targets, settings.ignore_band, tie_break=prob)
     return refined, label
 
 
@@ -273,8 +286,9 @@ def finish_case(case: str, prob: np.ndarray, out_dir: str, source_dir: str, sour
     regions = regions[0].astype(np.int32)
     if prob.shape != regions.shape:
         raise PseudoLabelError(f"case '{case}': map shape {prob.shape} differs from its region map {regions.shape}")
+    ct_image = str(source_json["channel_names"].get("0", "")).lower() == "ct"  # nnU-Net's CT normalisation rule
     refined, label = refine_and_threshold(prob, image[0], regions, props["spacing"], settings, targets,
-                                          intensity_norm, *crf)
+                                          intensity_norm, *crf, ct_image=ct_image)
     out = Path(out_dir)
     for f in image_files:
         dst = out / "imagesTr" / Path(f).name

@@ -20,17 +20,21 @@ from nnunetv2_dram.weak_labels.format import RegionTarget
 LESION, IGNORE = 1, 2
 
 
-def _top_k(p: np.ndarray, k: int) -> np.ndarray:
+def _top_k(p: np.ndarray, k: int, tie_break: np.ndarray | None = None) -> np.ndarray:
     sel = np.zeros(p.shape, dtype=bool)
     if k > 0:
-        # stable sort on -p: ties are broken by position, so the result is deterministic
-        order = np.argsort(-p, kind="stable")
+        # highest p first; among equal p the higher tie_break, then the position (deterministic either way): a CRF
+        # saturates many voxels at exactly the same value, and raster order would then pick the top slices first
+        keys = (-p,) if tie_break is None else (-np.asarray(tie_break), -p)
+        order = np.lexsort(keys)
         sel[order[:k]] = True
     return sel
 
 
-def threshold_region(p: np.ndarray, target: RegionTarget | None, default: float = 0.5) -> tuple[np.ndarray, float]:
-    """Binary selection of one region's voxels (1-D probabilities) and the effective threshold used."""
+def threshold_region(p: np.ndarray, target: RegionTarget | None, default: float = 0.5,
+                     tie_break: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """Binary selection of one region's voxels (1-D probabilities) and the effective threshold used. tie_break
+    (same shape): decides between voxels of equal p in the top-k selection (e.g. the map before a CRF)."""
     n = p.size
     if n == 0:
         return np.zeros(0, dtype=bool), default
@@ -42,15 +46,17 @@ def threshold_region(p: np.ndarray, target: RegionTarget | None, default: float 
     if low <= frac <= high:
         return sel, default
     k = int(round(min(max(frac, low), high) * n))
-    sel = _top_k(p, k)
+    sel = _top_k(p, k, tie_break)
     if k == 0:
         return sel, 1.0
     return sel, float(p[sel].min())
 
 
 def pseudo_label(prob: np.ndarray, regions: np.ndarray, method: str | float = "calibrated",
-                 targets: dict[int, RegionTarget] | None = None, ignore_band: float = 0.0) -> np.ndarray:
-    """uint8 label map (0 background, 1 lesion, 2 ignore) of the same shape as `prob`."""
+                 targets: dict[int, RegionTarget] | None = None, ignore_band: float = 0.0,
+                 tie_break: np.ndarray | None = None) -> np.ndarray:
+    """uint8 label map (0 background, 1 lesion, 2 ignore) of the same shape as `prob`; tie_break (same shape, e.g.
+    the map before the CRF) orders voxels of equal probability in the calibrated selection."""
     targets = targets or {}
     out = np.zeros(prob.shape, dtype=np.uint8)
     labels = [int(r) for r in np.unique(regions) if r > 0]
@@ -66,7 +72,7 @@ def pseudo_label(prob: np.ndarray, regions: np.ndarray, method: str | float = "c
         m = regions == r
         p = prob[m]
         if fixed is None:
-            sel, thr = threshold_region(p, targets.get(r))
+            sel, thr = threshold_region(p, targets.get(r), tie_break=None if tie_break is None else tie_break[m])
         else:
             sel, thr = p > fixed, fixed
         lab = sel.astype(np.uint8)

@@ -6,10 +6,12 @@ One case is drawn from an integer seed and rendered deterministically:
   of implicit shapes in *normalised* coordinates (x, y in units of half the in-plane field of view, z in units of
   half the scanned length), bent by a smooth random warp so that every case has lungs of its own shape and size;
 * a branching vessel tree grows from each hilum into every lobe (it never crosses a fissure);
-* lesions are thresholded smooth noise biased towards the pleura and the dependent (posterior) lung; the
-  threshold is chosen per lobe so that each lobe gets the involvement drawn for it (many lobes stay at 0 %);
-  inside a lesion the tissue is ground glass, consolidation or crazy paving;
-* the scanner is a Gaussian blur plus correlated noise at a per-case level, on an anisotropic voxel grid.
+* lesions are thresholded smooth noise biased towards the pleura and the dependent (posterior) lung, with a few
+  nodular bumps that become small lesions; the threshold is chosen per lobe so that each lobe gets the involvement
+  drawn for it (many lobes stay at 0 %); inside a lesion the tissue is ground glass (from faint to dense),
+  consolidation or crazy paving, with hazy margins;
+* the lung has texture at two scales; the scanner is a Gaussian blur plus correlated noise (15-50 HU) at a per-case
+  level, on an anisotropic voxel grid.
 
 Arrays are (z, y, x) as SimpleITK returns them with an identity direction (LPS): patient left is at larger x,
 anterior at smaller y, the head at larger z.
@@ -532,10 +534,13 @@ def render_vessels(segments, grid: Grid) -> np.ndarray:
 # Lungs and lesions
 # ---------------------------------------------------------------------------------------------------------------
 
-def render_parenchyma(anat: Anatomy, y, regions: np.ndarray, texture: np.ndarray, image: np.ndarray) -> None:
-    """Aerated lung with a dependent (posterior) density gradient, faint texture and visible fissures."""
+def render_parenchyma(anat: Anatomy, y, regions: np.ndarray, texture: np.ndarray, image: np.ndarray,
+                      fine_texture: np.ndarray | float = 0.0) -> None:
+    """Aerated lung with a dependent (posterior) density gradient, texture at two scales (the fine one, a few
+    millimetres, stands for secondary lobules and small vessels below the resolution) and visible fissures."""
     lung = regions > 0
-    parenchyma = anat.hu["lung"] + anat.hu["lung_gradient"] * (y - anat.cav_cy) / anat.cav_b + 12 * texture
+    parenchyma = (anat.hu["lung"] + anat.hu["lung_gradient"] * (y - anat.cav_cy) / anat.cav_b + 12 * texture
+                  + 20 * fine_texture)
     image[lung] = np.broadcast_to(parenchyma, image.shape)[lung]
     # fissures: a thin denser sheet where the lobe changes (weaker across slices: thick slices smear it)
     sheet = np.zeros(image.shape, np.float32)
@@ -553,7 +558,9 @@ def render_parenchyma(anat: Anatomy, y, regions: np.ndarray, texture: np.ndarray
 
 SEVERITIES = {"none": 0.08, "mild": 0.32, "moderate": 0.35, "severe": 0.25}  # how often a case is ...
 INVOLVED = {"none": 0.0, "mild": 0.45, "moderate": 0.70, "severe": 0.90}    # ... and how often its regions are hit
-MIN_PERCENT = 0.05  # smallest lesion share kept: anything less would read 0.0 % at the 0.1 % rounding of targets
+# smallest lesion share kept: the lower bound of CTSS 1 (anything less would also read 0.0 % at the 0.1 % rounding of
+# targets)
+MIN_PERCENT = 0.1
 
 
 def draw_lesion_targets(rng, labels_present, mode: str) -> tuple[str, dict[int, float]]:
@@ -579,14 +586,34 @@ def draw_lesion_targets(rng, labels_present, mode: str) -> tuple[str, dict[int, 
 
 
 def lesion_score(anat: Anatomy, regions: np.ndarray, y, fields: dict, spacing, rng) -> np.ndarray:
-    """Where lesions appear first: multi-scale smooth noise plus subpleural and dependent (posterior) bias."""
+    """Where lesions appear first: multi-scale smooth noise plus subpleural and dependent (posterior) bias, and a
+    few nodular bumps, so that mildly involved lobes get small lesions of a few millimetres as well as patches."""
     lung = (regions > 0).astype(np.float32)
     sigma = [0.0 if n < 2 else 9.0 / s for n, s in zip(lung.shape, spacing)]
     depth = ndimage.gaussian_filter(lung, sigma=sigma, mode="constant")   # ~0.5 at the pleura, ~1 deep inside
     peripheral = rng.uniform(2.0, 4.5)
     posterior = rng.uniform(0.3, 1.4)
-    return (fields["patches"] + 0.5 * fields["detail"] + peripheral * (1.0 - depth)
-            + posterior * (y - anat.cav_cy) / anat.cav_b).astype(np.float32)
+    score = (fields["patches"] + 0.5 * fields["detail"] + peripheral * (1.0 - depth)
+             + posterior * (y - anat.cav_cy) / anat.cav_b).astype(np.float32)
+    add_nodules(score, regions > 0, spacing, rng)
+    return score
+
+
+def add_nodules(score: np.ndarray, lung: np.ndarray, spacing, rng, mean_count: float = 5.0) -> None:
+    """Gaussian bumps (sigma 2-5 mm) at random lung voxels, in place: where the score's threshold cuts them they
+    become small round lesions."""
+    inside = np.argwhere(lung)
+    if len(inside) == 0:
+        return
+    for _ in range(int(rng.poisson(mean_count))):
+        centre = inside[rng.integers(len(inside))]
+        sigma_mm = rng.uniform(2.0, 5.0)
+        height = rng.uniform(2.5, 4.5)
+        reach = [int(np.ceil(3 * sigma_mm / s)) for s in spacing]
+        box = tuple(slice(max(0, c - r), min(n, c + r + 1)) for c, r, n in zip(centre, reach, score.shape))
+        offsets = np.ogrid[box]
+        squared = sum(((o - c) * s) ** 2 for o, c, s in zip(offsets, centre, spacing))
+        score[box] += (height * np.exp(-0.5 * squared / sigma_mm ** 2)).astype(np.float32)
 
 
 def place_lesions(regions: np.ndarray, score: np.ndarray, targets: dict[int, float]):
@@ -609,7 +636,7 @@ def place_lesions(regions: np.ndarray, score: np.ndarray, targets: dict[int, flo
 
 def render_lesions(image, lesion, excess, fields, y, anat, rng) -> dict:
     """Ground glass (vessels stay visible), consolidation in the lesion cores, crazy paving patches."""
-    ggo_hu = rng.uniform(-700, -450)
+    ggo_hu = rng.uniform(-750, -450)  # from faint ground glass, barely denser than lung, to dense
     cons_hu = rng.uniform(-100, 40)
     cons_share = rng.choice([0.0, rng.uniform(0.05, 0.2), rng.uniform(0.2, 0.5)], p=[0.35, 0.4, 0.25])
     paving_share = rng.choice([0.0, rng.uniform(0.2, 0.6)], p=[0.5, 0.5])
@@ -644,7 +671,7 @@ def render_lesions(image, lesion, excess, fields, y, anat, rng) -> dict:
 
 def apply_scanner(image: np.ndarray, spacing, rng) -> tuple[np.ndarray, dict]:
     """Point-spread blur and correlated noise at a per-case level; HU are then rounded to int16."""
-    noise_hu = rng.uniform(10, 40)
+    noise_hu = rng.uniform(15, 50)  # standard to low-dose chest CT
     blur_mm = rng.uniform(0.5, 1.1)
     sigma_mm = (0.3 * spacing[0], blur_mm, blur_mm)  # across slices: part of the slice sensitivity profile
     sigma = [0.0 if n < 2 else sm / sp for n, sm, sp in zip(image.shape, sigma_mm, spacing)]
@@ -712,11 +739,11 @@ def generate_case(seed: int, shape=(64, 160, 160), mode: str = "3d", spacing=Non
     scale = grid.half_fov / REFERENCE_HALF_FOV_MM
     fields = {name: SmoothField(rng_lesions, extent, cell * scale).grid(*axes)
               for name, cell in (("texture", 8.0), ("patches", 18.0), ("detail", 7.0), ("paving", 20.0),
-                                 ("septa", 5.0))}
+                                 ("septa", 5.0), ("fine", 3.0))}
 
     lobes = fuse_lobe(anat, lobe_labels(anat, z, y, x))
     image = render_body(anat, z, y, x, fields["texture"])
-    render_parenchyma(anat, y, lobes, fields["texture"], image)
+    render_parenchyma(anat, y, lobes, fields["texture"], image, fields["fine"])
     if mode == "3d":
         regions, region_labels = lobes, LOBE_LABELS
     else:

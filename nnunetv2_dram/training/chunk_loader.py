@@ -47,7 +47,7 @@ def intensity_transforms():
 class RegionChunkLoader(DataLoader):
     """Draws (case, region) samples — by `probabilities` (training) or in a fixed cycle (validation) —
     and returns {'data': (B, C, *chunk), 'target': (B, 1, *chunk) region mask, 'interval': (B, 2), 'bin': (B,),
-    'keys': [(case, region)]}."""
+    'spacing': [mm per axis of each chunk's grid], 'keys': [(case, region)]}."""
 
     def __init__(self, dataset, samples: Sequence[RegionSample], batch_size: int, spec: ChunkSpec,
                  probabilities: np.ndarray | None = None, augment: bool = True, sequential: bool = False,
@@ -75,13 +75,14 @@ class RegionChunkLoader(DataLoader):
 
     def generate_train_batch(self):
         rng = np.random.default_rng(np.random.randint(0, 2 ** 31 - 1))
-        images, masks, intervals, bins, keys = [], [], [], [], []
+        images, masks, intervals, bins, keys, spacings = [], [], [], [], [], []
         with torch.no_grad(), threadpool_limits(limits=1, user_api=None):
             for i in self._next_indices():
                 s = self.samples[i]
                 data, seg, _, _ = self._data.load_case(s.case)
-                img, reg, _, _ = extract_chunk(data, seg, s, self.spec, rng=rng, zoom_jitter=self.zoom_jitter,
-                                               random_position=self.augment, mirror_axes=self.mirror_axes)
+                img, reg, placement, _ = extract_chunk(data, seg, s, self.spec, rng=rng, zoom_jitter=self.zoom_jitter,
+                                                       random_position=self.augment, mirror_axes=self.mirror_axes)
+                spacings.append(self.spec.chunk_spacing(placement))
                 if self.transforms is not None:
                     fill = img.flatten(1).min(1).values.view(-1, *([1] * (img.ndim - 1)))
                     img = self.transforms(image=img, segmentation=reg.to(torch.int16))["image"]
@@ -94,4 +95,4 @@ class RegionChunkLoader(DataLoader):
                 keys.append((s.case, s.region))
         return {"data": torch.stack(images), "target": torch.stack(masks),
                 "interval": torch.tensor(intervals, dtype=torch.float32),
-                "bin": torch.tensor(bins, dtype=torch.int64), "keys": keys}
+                "bin": torch.tensor(bins, dtype=torch.int64), "spacing": spacings, "keys": keys}

@@ -107,7 +107,7 @@ def build_region_samples(region_index: dict, weak: WeakLabels | None, require_ta
             target = targets.get(region)
             if target is None:
                 if weak is not None:
-                    continue  # present in the map, no supervision (SPEC §1)
+                    continue  # present in the map, no supervision (docs/reference.md, "weak_labels.json")
                 interval, b = (math.nan, math.nan), -1
             else:
                 interval, b = target.fraction_interval, target.ctss_bin
@@ -129,6 +129,7 @@ class ChunkSpec:
     chunk_size: tuple  # spatial patch size (2 or 3 axes)
     margin_voxels: tuple  # margin per axis of the preprocessed array (3 axes)
     mask_outside: bool = True
+    spacing: tuple | None = None  # mm per axis of the preprocessed grid, network axes (2 or 3)
 
     @classmethod
     def from_configuration(cls, patch_size, spacing, margin_mm: float = 10.0, mask_outside: bool = True):
@@ -137,7 +138,13 @@ class ChunkSpec:
             margin = (0,) + tuple(int(math.ceil(margin_mm / s)) for s in spacing)
         else:
             margin = tuple(int(math.ceil(margin_mm / s)) for s in spacing)
-        return cls(tuple(int(p) for p in patch_size), margin, mask_outside)
+        return cls(tuple(int(p) for p in patch_size), margin, mask_outside, tuple(float(s) for s in spacing))
+
+    def chunk_spacing(self, placement: "ChunkPlacement") -> tuple:
+        """mm per axis of a chunk's grid: the preprocessed spacing divided by the zoom the chunk was fitted with."""
+        if self.spacing is None:
+            raise ValueError("this ChunkSpec was made without a spacing")
+        return tuple(s * (b - a) / r for s, (a, b), r in zip(self.spacing, placement.crop, placement.resized_shape))
 
 
 @dataclass

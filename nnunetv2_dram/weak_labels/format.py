@@ -1,4 +1,4 @@
-"""The weak-label sidecar file `weak_labels.json` (SPEC §1): reading, validating, writing.
+"""The weak-label sidecar file `weak_labels.json` (docs/reference.md, "weak_labels.json"): reading, validating, writing.
 
 Every target becomes an interval [low, high] in percent of the region's volume: an exact percentage is a
 zero-width interval, a CT severity score (CTSS) is its band, and an explicit [low, high] stays as given.
@@ -20,9 +20,14 @@ FORMAT = "nnunetv2_dram.weak_labels/1"
 FILENAME = "weak_labels.json"
 TARGETS = ("percentage", "ctss")
 
-# CTSS band per score, in percent. Score 0 means no lesion at all; the lower bound of 1..5 is exclusive
-# in the clinical definition, which an interval loss cannot tell from inclusive, so it is stored as is.
-CTSS_BANDS = {0: (0.0, 0.0), 1: (0.0, 5.0), 2: (5.0, 25.0), 3: (25.0, 50.0), 4: (50.0, 75.0), 5: (75.0, 100.0)}
+#: Lower bound of CTSS 1 in percent. Clinically CTSS 1 is (0, 5] %: some lesion, however little. An interval loss
+#: and a calibrated threshold cannot tell (0, 5] from [0, 5], which would let a CTSS-1 lobe end up with no lesion at
+#: all, so the band starts just above 0: 0.1 % of the lobe (about 1-2 ml of a lobe of 1-1.5 l).
+CTSS1_MIN_PERCENT = 0.1
+# CTSS band per score, in percent. Score 0 means no lesion at all; the lower bound of 2..5 is exclusive in the
+# clinical definition, which an interval loss cannot tell from inclusive, so it is stored as is.
+CTSS_BANDS = {0: (0.0, 0.0), 1: (CTSS1_MIN_PERCENT, 5.0), 2: (5.0, 25.0), 3: (25.0, 50.0), 4: (50.0, 75.0),
+              5: (75.0, 100.0)}
 
 
 def percent_to_ctss(percent: float) -> int:
@@ -179,7 +184,8 @@ def read_weak_labels(path: str | os.PathLike) -> tuple[WeakLabels | None, list[P
     path = Path(path)
     if not path.is_file():
         return None, [Problem("file not found", file=str(path),
-                              hint=f"put the weak targets in {FILENAME} next to dataset.json (see SPEC §1)")]
+                              hint=f"put the weak targets in {FILENAME} next to dataset.json (format: "
+                                   f"docs/reference.md, \"weak_labels.json\")")]
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

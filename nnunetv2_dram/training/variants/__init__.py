@@ -1,0 +1,1 @@
+"""Trainer variants for experiments: one axis per module, each a tiny subclass of a trainer users choose from."""
