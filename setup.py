@@ -7,7 +7,7 @@ HERE = Path(__file__).parent
 
 setup(
     name="nnunetv2_dram",
-    version="0.1.0",
+    version="0.2.0",
     description="Dense regression activation maps (dRAM) for nnU-Net v2: lesion segmentation from per-lobe "
                 "lesion percentages or CT severity scores",
     long_description=(HERE / "README.md").read_text(encoding="utf-8") if (HERE / "README.md").exists() else "",
@@ -17,8 +17,9 @@ setup(
     # `trainers/` is the folder nnU-Net scans through nnUNet_extTrainer. It is installed as
     # nnunetv2_dram/ext_trainers so that a non-editable install carries it too;
     # `nnunetv2_dram trainers-path` prints wherever it ended up.
-    packages=find_packages(include=["nnunetv2_dram", "nnunetv2_dram.*"]) + ["nnunetv2_dram.ext_trainers"],
-    package_dir={"nnunetv2_dram.ext_trainers": "trainers"},
+    packages=find_packages(include=["nnunetv2_dram", "nnunetv2_dram.*"])
+    + ["nnunetv2_dram.ext_trainers", "nnunetv2_dram.ext_trainers.variants"],
+    package_dir={"nnunetv2_dram.ext_trainers": "trainers", "nnunetv2_dram.ext_trainers.variants": "trainers/variants"},
     include_package_data=True,
     install_requires=[
         "nnunetv2>=2.8.1,<2.9",

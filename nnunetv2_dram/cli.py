@@ -20,6 +20,7 @@ COMMANDS = {
     "regions": ("nnunetv2_dram.commands.regions", "region maps from TotalSegmentator/lungmask lobe masks"),
     "weak-labels": ("nnunetv2_dram.commands.weak_labels", "weak_labels.json from a CSV/TSV table"),
     "convert": ("nnunetv2_dram.commands.convert", "CTs + region maps + table -> a weak nnU-Net dataset"),
+    "restrict": ("nnunetv2_dram.commands.restrict", "predictions with every voxel outside the regions set to 0"),
 }
 
 
@@ -28,7 +29,9 @@ class UserError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from nnunetv2_dram import __version__
     parser = argparse.ArgumentParser(prog="nnunetv2_dram", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         try:

@@ -194,7 +194,7 @@ def test_cli_three_commands(tmp_path, nnunet_env, capsys):
     assert cli_main(["convert", "--images", str(export["cts"]), "--regions", str(regions), "--table", str(weak_json),
                      "-d", "902", "--name", "Mine", "--region-preset", "identity"]) == 0
     out = capsys.readouterr().out
-    assert "nnUNetv2_train 902 3d_fullres 0 -tr DRAMTrainer" in out
+    assert "nnUNetv2_train 902 3d_fullres all -tr DRAMTrainer" in out
     ds = nnunet_env["nnUNet_raw"] / "Dataset902_Mine"
     assert sorted(load_weak_labels(ds / "weak_labels.json").cases) == ["Patient_03", "c1", "c2"]
     assert cli_main(["convert", "--images", str(export["cts"]), "--regions", str(regions), "--table",

@@ -49,7 +49,7 @@ class DocCommand:
 # ------------------------------------------------------------------------------------------------ extraction
 _FENCE = re.compile(r"^\s*(`{3,}|~{3,})\s*([\w+-]*)")
 _SUBSTITUTION = re.compile(r"\$\(([^()]*)\)")
-_ALTERNATIVES = re.compile(r"(?<![\s|])\|(?![\s|])")  # `none|dense` (SPEC style), not a spaced pipe
+_ALTERNATIVES = re.compile(r"(?<![\s|])\|(?![\s|])")  # `none|dense` (usage-line style), not a spaced pipe
 _CONTROL = {";", "&&", "||", "|", "&", "(", ")"}
 _ASSIGNMENT = re.compile(r"^[A-Za-z_]\w*=")
 
@@ -265,7 +265,8 @@ def dram_problem(cmd: DocCommand) -> str | None:
     """Why this `nnunetv2_dram` command would not parse (None if it does)."""
     parser, subcommands = _dram_parser()
     if len(cmd.argv) < 2 or cmd.argv[1].startswith("-"):
-        return None if cmd.reference_only or "-h" in cmd.argv or "--help" in cmd.argv else "no sub-command"
+        top_level = {"-h", "--help", "--version"}  # the flags that need no sub-command
+        return None if cmd.reference_only or top_level & set(cmd.argv) else "no sub-command"
     name = cmd.argv[1]
     if name not in subcommands:
         return f"unknown sub-command {name!r} (known: {', '.join(subcommands)})"
@@ -407,7 +408,7 @@ def test_placeholders_take_the_flags_type():
     _, subcommands = _dram_parser()
     args = fill_placeholders(["-d", "ID", "-o", "NEW_ID", "--epochs", "N", "-device", "D", "-c", "CONFIG"],
                              subcommands["pipeline"])
-    assert args == ["-d", "ID", "-o", "1", "--epochs", "1", "-device", "cuda", "-c", "CONFIG"]
+    assert args == ["-d", "ID", "-o", "1", "--epochs", "1", "-device", "auto", "-c", "CONFIG"]
     assert fill_placeholders(["-d", "1", "--shape", "Z", "Y", "X"], subcommands["generate"])[-3:] == ["1"] * 3
 
 
@@ -500,3 +501,21 @@ def test_reference_trainer_settings_match_the_classes():
                                                        f"code has {getattr(owners[owner], name)!r}"
         checked += 1
     assert checked >= 10
+
+
+HISTORY = re.compile(r"\b20\d\d-\d\d-\d\d\b|\bsessions?\b|\bdevice tool\b|\buntil 20\d\d|<this repository>|(?-i:\bSPEC\b)",
+                     flags=re.I)
+
+
+def test_docs_and_messages_describe_the_software_not_its_history():
+    """Docs are for users who never saw the project's history: no dates, work sessions, internal tools, a contract
+    file they do not have (SPEC), or placeholders for the repository. The same holds for the package's messages and
+    docstrings, which users see in `-h` output and error hints."""
+    files = [*doc_files(), REPO / "CHANGELOG.md", *sorted((REPO / "nnunetv2_dram").rglob("*.py")),
+             *sorted((REPO / "trainers").rglob("*.py"))]
+    found = []
+    for path in files:
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if HISTORY.search(line):
+                found.append(f"{path.relative_to(REPO)}:{n}: {line.strip()}")
+    assert not found, "\n".join(found)

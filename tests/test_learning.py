@@ -38,10 +38,10 @@ def test_short_training_lowers_region_error(weak3d, monkeypatch):
     # Seeded, at nnU-Net's learning rate 1e-2. With the linear hinge one of three seeds ended with a dead map (every
     # lobe ~0 %); with the log-domain continuation seeds 0/1/2 gave 0.32/0.35/0.59 x the untrained error, r
     # 0.97/0.93/0.62 (full-resolution refinement, docs/results.md); seed 0 with today's coarse refinement: 0.35x, r 0.97
-    ws.run("nnUNetv2_train", dataset[7:10], "3d_fullres", "0", "-tr", "DRAMTrainer", "-p", "nnUNetPlans_quick",
-           "-device", "cpu", NNUNETV2_DRAM_EPOCHS=12, NNUNETV2_DRAM_ITERATIONS=25, NNUNETV2_DRAM_VAL_ITERATIONS=5,
-           NNUNETV2_DRAM_SEED=0)
-    fold = ws.results / dataset / "DRAMTrainer__nnUNetPlans_quick__3d_fullres" / "fold_0"
+    # DRAMTrainer_12epochs_25its: 12 epochs of 25 iterations, 5 validation iterations per epoch
+    ws.run("nnUNetv2_train", dataset[7:10], "3d_fullres", "0", "-tr", "DRAMTrainer_12epochs_25its",
+           "-p", "nnUNetPlans_quick", "-device", "cpu", NNUNETV2_DRAM_SEED=0)
+    fold = ws.results / dataset / "DRAMTrainer_12epochs_25its__nnUNetPlans_quick__3d_fullres" / "fold_0"
     trained = json.loads((fold / "validation" / "region_fractions.json").read_text())
     val_keys = sorted(trained["cases"])
     untrained = _untrained_region_mae(ws, dataset, val_keys, monkeypatch)

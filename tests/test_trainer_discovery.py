@@ -7,7 +7,7 @@ import pytest
 
 from nnunetv2_dram.paths import trainers_path
 
-TRAINERS = ["DRAMTrainer", "DRAMTrainerNoRefine", "CAMTrainer", "DRAMTrainerWithCRF", "DRAMTrainerWithoutCRF",
+TRAINERS = ["DRAMTrainer", "DRAMTrainerNoRefine", "CAMTrainer", "DRAMTrainerWithCRF",
             "DRAMTrainerCoarseRefinement", "nnUNetTrainerBudget"]
 
 

@@ -1,7 +1,9 @@
 """The real nnU-Net CLI trains the plugin's trainers on generated weak datasets (3d_fullres and 2d), writes
-checkpoints, continues with --c, and nnUNetv2_predict writes lesion masks with the trained model."""
+checkpoints, continues with --c, and nnUNetv2_predict writes lesion masks with the trained model. Short runs use
+the trainers' budget names, `<Trainer>_1epochs_2its`."""
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -9,12 +11,12 @@ import SimpleITK as sitk
 
 from conftest import edited_weak_labels
 
-SHORT = dict(NNUNETV2_DRAM_EPOCHS=1, NNUNETV2_DRAM_ITERATIONS=2, NNUNETV2_DRAM_VAL_ITERATIONS=1)
+SHORT = "_1epochs_2its"  # 1 epoch of 2 iterations, 2 validation iterations
 
 
 def _train(ws, dataset, configuration, trainer, fold="0", *extra, check=True, **env):
     return ws.run("nnUNetv2_train", dataset[7:10], configuration, fold, "-tr", trainer, "-p", "nnUNetPlans_quick",
-                  "-device", "cpu", *extra, check=check, **{**SHORT, **env})
+                  "-device", "cpu", *extra, check=check, **env)
 
 
 def _fold_dir(ws, dataset, trainer, configuration, fold="0"):
@@ -29,27 +31,34 @@ def _epochs_in_log(fold_dir):
 def test_dram_trainer_3d_trains_continues_and_predicts(weak3d, tmp_path):
     ws, dataset = weak3d
     # fold 1: other tests train DRAMTrainer on fold 0 and fold all of the same session workspace
-    _train(ws, dataset, "3d_fullres", "DRAMTrainer", "1")
-    fold = _fold_dir(ws, dataset, "DRAMTrainer", "3d_fullres", "1")
+    trainer = "DRAMTrainer" + SHORT
+    _train(ws, dataset, "3d_fullres", trainer, "1")
+    fold = _fold_dir(ws, dataset, trainer, "3d_fullres", "1")
     assert (fold / "checkpoint_final.pth").is_file() and (fold / "progress.png").is_file()
+    assert not _fold_dir(ws, dataset, "DRAMTrainer", "3d_fullres", "1").exists(), "a short run has its own folder"
     epochs, log = _epochs_in_log(fold)
     assert epochs == [0]
     assert "Region-% MAE train" in log and "validation regions" in log
+    assert "DRAMTrainer_1epochs_2its: 1 epochs of 2 iterations, 2 validation iterations per epoch" in log
     report = json.loads((fold / "validation" / "region_fractions.json").read_text())
     assert report["n_regions"] > 0 and np.isfinite(report["mean_abs_error"])
     # the model folder's dataset.json is the lesion label set nnUNetv2_predict will use
     assert json.loads((fold.parent / "dataset.json").read_text())["labels"] == {"background": 0, "lesion": 1}
 
-    # --c continues from the checkpoint with a longer budget: only epoch 1 is trained
-    _train(ws, dataset, "3d_fullres", "DRAMTrainer", "1", "--c", NNUNETV2_DRAM_EPOCHS=2)
-    epochs, _ = _epochs_in_log(fold)
-    assert epochs == [0, 1]
+    # --c continues an interrupted run of the same name: a 2-epoch run stopped after its first epoch (the
+    # 1-epoch run's folder, its final checkpoint as the latest one) trains only epoch 1
+    longer = _fold_dir(ws, dataset, "DRAMTrainer_2epochs_2its", "3d_fullres", "1")
+    shutil.copytree(fold, longer, ignore=shutil.ignore_patterns("validation"))
+    (longer / "checkpoint_final.pth").rename(longer / "checkpoint_latest.pth")
+    _train(ws, dataset, "3d_fullres", "DRAMTrainer_2epochs_2its", "1", "--c")
+    epochs, _ = _epochs_in_log(longer)
+    assert epochs == [0, 1] and (longer / "checkpoint_final.pth").is_file()
 
     # plain nnUNetv2_predict on whole images writes lesion masks (0/1) in the images' geometry
     out = tmp_path / "pred"
     images = ws.raw / dataset / "imagesTs"
     ws.run("nnUNetv2_predict", "-i", images, "-o", out, "-d", dataset[7:10], "-c", "3d_fullres", "-f", "1",
-           "-tr", "DRAMTrainer", "-p", "nnUNetPlans_quick", "-device", "cpu", "--disable_tta", "--save_probabilities",
+           "-tr", trainer, "-p", "nnUNetPlans_quick", "-device", "cpu", "--disable_tta", "--save_probabilities",
            "-npp", 1, "-nps", 1)
     for img in images.glob("*_0000.nii.gz"):
         case = img.name[: -len("_0000.nii.gz")]
@@ -64,8 +73,8 @@ def test_dram_trainer_3d_trains_continues_and_predicts(weak3d, tmp_path):
 @pytest.mark.parametrize("trainer", ["CAMTrainer", "DRAMTrainerNoRefine"])
 def test_other_trainers_3d(weak3d, trainer):
     ws, dataset = weak3d
-    _train(ws, dataset, "3d_fullres", trainer, NNUNETV2_DRAM_SKIP_FINAL_VALIDATION=1)
-    fold = _fold_dir(ws, dataset, trainer, "3d_fullres")
+    _train(ws, dataset, "3d_fullres", trainer + SHORT, NNUNETV2_DRAM_SKIP_FINAL_VALIDATION=1)
+    fold = _fold_dir(ws, dataset, trainer + SHORT, "3d_fullres")
     assert (fold / "checkpoint_final.pth").is_file()
     assert "Region-% MAE" in _epochs_in_log(fold)[1]
 
@@ -73,8 +82,8 @@ def test_other_trainers_3d(weak3d, trainer):
 @pytest.mark.parametrize("trainer", ["DRAMTrainer", "CAMTrainer"])
 def test_trainers_2d(weak2d, trainer):
     ws, dataset = weak2d
-    _train(ws, dataset, "2d", trainer)
-    fold = _fold_dir(ws, dataset, trainer, "2d")
+    _train(ws, dataset, "2d", trainer + SHORT)
+    fold = _fold_dir(ws, dataset, trainer + SHORT, "2d")
     assert (fold / "checkpoint_final.pth").is_file()
     _, log = _epochs_in_log(fold)
     assert "CTSS accuracy" in log  # ctss targets: severity-band accuracy is logged
@@ -90,6 +99,6 @@ def test_bad_weak_labels_stop_training_with_a_clear_message(weak3d, tmp_path):
         return case
 
     with edited_weak_labels(ws, dataset, add_unknown_region) as case:
-        proc = _train(ws, dataset, "3d_fullres", "DRAMTrainerNoRefine", "1", check=False)
+        proc = _train(ws, dataset, "3d_fullres", "DRAMTrainerNoRefine" + SHORT, "1", check=False)
     assert proc.returncode != 0
     assert f"case '{case}' region 9" in proc.stdout + proc.stderr

@@ -1,8 +1,9 @@
-"""CTs + region maps + a table of weak targets -> a checked weak nnU-Net raw dataset (SPEC §1).
+"""CTs + region maps + a table of weak targets -> a checked weak nnU-Net raw dataset (format: docs/reference.md,
+"Weak dataset").
 
-  nnunetv2_dram convert --images cts/ --regions totalseg/ --table scores.csv --target ctss -d 901 --name Covid
-  nnUNetv2_plan_and_preprocess -d 901 -c 3d_fullres
-  nnUNetv2_train 901 3d_fullres 0 -tr DRAMTrainer
+  nnunetv2_dram convert --images cts/ --regions lobes/ --table scores.csv --target percentage -d 501 --name Covid
+  nnUNetv2_plan_and_preprocess -d 501 -c 3d_fullres --verify_dataset_integrity
+  nnUNetv2_train 501 3d_fullres all -tr DRAMTrainer
 
 Cases are matched by name: cts/CASE.nii.gz (or CASE_0000.nii.gz), regions/CASE.nii.gz or regions/CASE/
 (TotalSegmentator per-structure folder), and the table row of CASE.
@@ -24,8 +25,10 @@ def add_arguments(parser):
                         help="label numbering of the masks (default totalsegmentator_v2; see "
                              "`nnunetv2_dram regions --list-presets`)")
     source.add_argument("--mapping", metavar="JSON", help="custom region mapping file instead of a preset")
-    parser.add_argument("--target", choices=("percentage", "ctss"), default="percentage",
-                        help="what plain numbers in the table mean (default percentage)")
+    parser.add_argument("--target", choices=("percentage", "ctss"), default=None,
+                        help="what plain numbers in the table mean: lesion percent of the region, or CT severity "
+                             "score 0..5 (intervals like 5-25 are always percent). Default: percentage, but a table "
+                             "whose numbers are all integers 0..5 stops with an error until --target says which")
     parser.add_argument("--case-column", help="table column holding the case ids (default: detected)")
     parser.add_argument("--table-preset", choices=("lobes", "none"), default="lobes",
                         help="how table columns map to regions")
@@ -83,6 +86,6 @@ def run(args) -> int:
             print(p)
         n_warnings = sum(p.severity == "warning" for p in report.check_problems)
         print(f"check OK: 0 error(s), {n_warnings} warning(s)")
-    print(f"next:\n  nnUNetv2_plan_and_preprocess -d {args.dataset_id} -c 3d_fullres\n"
-          f"  nnUNetv2_train {args.dataset_id} 3d_fullres 0 -tr DRAMTrainer")
+    print(f"next:\n  nnUNetv2_plan_and_preprocess -d {args.dataset_id} -c 3d_fullres --verify_dataset_integrity\n"
+          f"  nnUNetv2_train {args.dataset_id} 3d_fullres all -tr DRAMTrainer")
     return 0

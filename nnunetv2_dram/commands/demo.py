@@ -2,12 +2,14 @@
 and with the CAMTrainer baseline (compact `quick` preset, so it runs on a CPU), and print the comparison.
 Everything lives under -o DIR (its own nnUNet_raw/_preprocessed/_results); rerunning resumes."""
 
+from nnunetv2_dram.commands.shared_flags import add_device_flag, resolve_device
+
 DEMO_ID, DRAM_ID, CAM_ID = 980, 981, 982
 
 
 def add_arguments(p):
     p.add_argument("-o", default="nnunetv2_dram_demo", help="demo workspace folder (default: ./nnunetv2_dram_demo)")
-    p.add_argument("-device", default="cpu", choices=("cpu", "cuda", "mps"))
+    add_device_flag(p, "every stage")
     p.add_argument("--train", type=int, default=16, help="synthetic training cases")
     p.add_argument("--test", type=int, default=6, help="synthetic test cases")
     p.add_argument("--shape", type=int, nargs=3, default=(48, 128, 128), metavar=("Z", "Y", "X"))
@@ -23,6 +25,7 @@ def run(args) -> int:
     import time
     from pathlib import Path
 
+    args.device = resolve_device(args.device, "nnunetv2_dram demo")
     root = Path(args.o).resolve()
     for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         (root / name).mkdir(parents=True, exist_ok=True)
@@ -30,15 +33,12 @@ def run(args) -> int:
     os.environ.setdefault("nnUNet_def_n_proc", str(args.np))
     from nnunetv2_dram.paths import ensure_ext_trainer_path
     ensure_ext_trainer_path()
-    import torch
     from nnunetv2_dram.cli import UserError
     from nnunetv2_dram.commands.pipeline import options_from_args
     from nnunetv2_dram.io_utils import atomic_write_json
     from nnunetv2_dram.pipeline.pipeline import PipelineError, run_pipeline
     from nnunetv2_dram.synthetic.dataset import dataset_folder_name, write_weak_dataset
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("-device cuda but no CUDA device is available; use -device cpu")
     t0 = time.time()
     dataset = dataset_folder_name(DEMO_ID, "SynthChest")
     if not (root / "nnUNet_raw" / dataset / "dataset.json").is_file():
@@ -65,8 +65,7 @@ def run(args) -> int:
     dram = results["DRAMTrainer"]
     print(f"use the final model like any nnU-Net model:\n  nnUNet_raw={root / 'nnUNet_raw'} "
           f"nnUNet_preprocessed={root / 'nnUNet_preprocessed'} nnUNet_results={root / 'nnUNet_results'} "
-          f"nnUNet_extTrainer=$(nnunetv2_dram trainers-path) nnUNetv2_predict -i IMAGES -o OUT -d {DRAM_ID} "
-          f"-c 3d_fullres -f all -tr {Path(dram['final_model']).name.split('__')[0]} -p nnUNetPlans_quick")
+          f"nnUNet_extTrainer=$(nnunetv2_dram trainers-path) {dram['predict_command']}")
     return 0
 
 
@@ -74,7 +73,8 @@ def _pipeline_args(args, trainer, new_id):
     import argparse
     return argparse.Namespace(o=new_id, c="3d_fullres", tr=trainer, f="all", preset="quick", epochs=args.epochs,
                               iterations=args.iterations, predictions=None, crf="dense", threshold="calibrated",
-                              ignore_band=0.0, device=args.device, np=args.np)
+                              ignore_band=0.0, device=args.device, np=args.np, plans_identifier=None, planner=None,
+                              restrict_to_regions=False)
 
 
 def comparison_table(results: dict) -> str:

@@ -1,11 +1,13 @@
 """Run a trained dRAM/CAM model over the training cases and write DatasetNEW_ID_<Name>Pseudo: a standard
 nnU-Net raw dataset (same images, pseudo lesion labels) for nnUNetv2_plan_and_preprocess / nnUNetv2_train."""
 
+from nnunetv2_dram.commands.shared_flags import add_device_flag, add_fold_flag, resolve_device
+
 
 def add_arguments(p):
     p.add_argument("-d", required=True, help="source weak dataset (id or name)")
     p.add_argument("-c", default="3d_fullres", help="configuration the weak model was trained with")
-    p.add_argument("-f", default="0", help="fold of the weak model (or 'all')")
+    add_fold_flag(p, "fold of the weak model")
     p.add_argument("-tr", default="DRAMTrainer", help="trainer of the weak model")
     p.add_argument("-p", default="nnUNetPlans", help="plans identifier of the weak model")
     p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint file name")
@@ -19,7 +21,7 @@ def add_arguments(p):
                    help="mark voxels within this probability of their region's threshold as 'ignore' (label 2)")
     p.add_argument("--map", dest="map_kind", choices=("final", "dram", "refined"), default="final",
                    help="which map of a DRAMTrainer model (final = refined when the model has refinement)")
-    p.add_argument("-device", default="cuda", choices=("cuda", "cpu", "mps"))
+    add_device_flag(p, "the model and the torch CRF")
     p.add_argument("-np", type=int, default=2, help="worker processes for CRF, thresholding and writing")
     p.add_argument("-num_parts", type=int, default=1, help="split the cases over this many runs (GPUs/machines)")
     p.add_argument("-part_id", type=int, default=0, help="which part this run does (0-based)")
@@ -33,9 +35,7 @@ def run(args) -> int:
     ensure_nnunet_paths()
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
     from nnunetv2_dram.pseudo_labels.generate import PseudoLabelError, PseudoLabelSettings, make_pseudo_labels
-    import torch
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("-device cuda but no CUDA device is available; use -device cpu")
+    device = resolve_device(args.device, "nnunetv2_dram pseudolabels")
     if args.threshold not in ("calibrated", "otsu"):
         try:
             float(args.threshold)
@@ -50,7 +50,7 @@ def run(args) -> int:
                                    threshold=str(args.threshold), ignore_band=args.ignore_band,
                                    map_kind=args.map_kind)
     try:
-        make_pseudo_labels(dataset, args.o, settings, device=args.device, num_processes=args.np,
+        make_pseudo_labels(dataset, args.o, settings, device=device, num_processes=args.np,
                            num_parts=args.num_parts, part_id=args.part_id, overwrite=args.overwrite,
                            qc_dir=args.qc)
     except PseudoLabelError as e:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import sys
 
+from nnunetv2_dram.commands.shared_flags import add_device_flag, resolve_device
+
 PRESET_NAMES = ("totalsegmentator_v2", "totalsegmentator_v1", "lungmask_ltrclobes", "identity")
 
 
@@ -28,8 +30,7 @@ def add_arguments(parser):
                         help="segment the lobes of the CT(s) given with -i with this tool (must be installed)")
     parser.add_argument("--file-ending", default=".nii.gz",
                         help="ending of the output files when -o is a folder (default .nii.gz)")
-    parser.add_argument("-device", dest="device", choices=("cuda", "cpu", "mps"), default="cuda",
-                        help="device for --run (default cuda; falls back to CPU when there is no GPU)")
+    add_device_flag(parser, "--run")
     parser.add_argument("--fast", action="store_true", help="--run totalsegmentator: its 3 mm fast model")
     parser.add_argument("--list-presets", action="store_true", help="print the presets' label tables and exit")
 
@@ -63,13 +64,13 @@ def run(args) -> int:
     source, target = Path(args.input), Path(args.output)
     if not source.exists():
         raise UserError(f"input {source} does not exist")
-    device = {"cuda": "gpu"}.get(args.device, args.device)
+    device = resolve_device(args.device, "nnunetv2_dram regions") if args.run else None
 
     def convert_one(inp: Path, out: Path, ct: Path | None) -> rm.RegionMapReport:
         if args.run == "lungmask":
-            return rm.run_lungmask(inp, out, force_cpu=args.device == "cpu")
+            return rm.run_lungmask(inp, out, force_cpu=device == "cpu")
         if args.run == "totalsegmentator":
-            return rm.run_totalsegmentator(inp, out, fast=args.fast, device=device)
+            return rm.run_totalsegmentator(inp, out, fast=args.fast, device={"cuda": "gpu"}.get(device, device))
         return rm.convert_region_map(inp, out, preset=args.preset, mapping=args.mapping, reference_ct=ct)
 
     try:

@@ -11,9 +11,10 @@ def add_arguments(parser):
     parser.add_argument("-i", dest="input", required=True, help="the table (CSV or TSV; delimiter is detected)")
     parser.add_argument("-o", dest="output",
                         help="weak_labels.json to write (default with -d: the dataset's weak_labels.json)")
-    parser.add_argument("--target", choices=("percentage", "ctss"), default="percentage",
-                        help="what plain numbers mean: lesion percent of the region, or CT severity score 0..5 "
-                             "(intervals like 5-25 are always percent)")
+    parser.add_argument("--target", choices=("percentage", "ctss"), default=None,
+                        help="what plain numbers in the table mean: lesion percent of the region, or CT severity "
+                             "score 0..5 (intervals like 5-25 are always percent). Default: percentage, but a table "
+                             "whose numbers are all integers 0..5 stops with an error until --target says which")
     parser.add_argument("--case-column", help="column holding the case ids (default: detected, e.g. 'case', 'ID')")
     parser.add_argument("--preset", choices=("lobes", "none"), default="lobes",
                         help="how column names map to regions (lobes: LUL/LLL/RUL/RML/RLL, 'left upper lobe', ...)")

@@ -1,4 +1,4 @@
-"""A weak nnU-Net raw dataset (SPEC §1) from a folder of CTs, a folder of lobe masks and a table of weak targets.
+"""A weak nnU-Net raw dataset (docs/reference.md, "Weak dataset") from a folder of CTs, a folder of lobe masks and a table of weak targets.
 
 Cases are matched by file name: `CASE.nii.gz` (or nnU-Net style `CASE_0000.nii.gz`) in the CT folder, `CASE.<ext>`
 (a multi-label map) or `CASE/` (a TotalSegmentator per-structure folder) in the regions folder, and the row of

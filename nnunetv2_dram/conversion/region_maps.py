@@ -1,6 +1,6 @@
 """Region maps (lung lobes) from the label numbering of other tools, checked against the CT they belong to.
 
-Our region labels (SPEC §1): background 0, left upper lobe 1, left lower lobe 2, right upper lobe 3,
+Our region labels (docs/reference.md, "Weak dataset"): background 0, left upper lobe 1, left lower lobe 2, right upper lobe 3,
 right middle lobe 4, right lower lobe 5.
 
 Inputs that are understood:
@@ -87,7 +87,7 @@ PRESETS: dict[str, RegionPreset] = {
     "identity": RegionPreset(
         name="identity",
         description="already in our numbering (1 LUL, 2 LLL, 3 RUL, 4 RML, 5 RLL); files named after our regions",
-        source="nnunetv2_dram SPEC §1",
+        source="nnunetv2_dram's lobe labels (docs/reference.md, 'Weak dataset')",
         label_map={1: 1, 2: 2, 3: 3, 4: 4, 5: 5},
         structure_map={name: value for name, value in LOBE_LABELS.items() if value}),
 }

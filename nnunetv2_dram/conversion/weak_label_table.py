@@ -259,16 +259,23 @@ def _find_case_column(header: list[str], case_column: str | None, region_columns
                           severity="warning", hint="pass --case-column to choose another")
 
 
-def read_weak_label_table(path: str | os.PathLike, target: str = "percentage", case_column: str | None = None,
-                          preset: str | None = "lobes", columns: Iterable[str] | Mapping | None = None,
+def read_weak_label_table(path: str | os.PathLike, target: str | None = "percentage",
+                          case_column: str | None = None, preset: str | None = "lobes",
+                          columns: Iterable[str] | Mapping | None = None,
                           labels: Mapping[str, int] = LOBE_LABELS) -> WeakLabelTable:
     """Read a CSV/TSV table into weak labels (validated with the weak_labels.json parser).
 
+    target None (not given on the command line): plain numbers are percentages, except that a table whose plain
+    numbers are all integers 0..5 (not all 0, none written with '%') is refused, naming the file: such a table
+    looks like CT severity scores, and reading scores as percentages would train on targets 5-20x too small.
     Raises WeakDatasetError listing every problem, each naming the row (line number in the file), case, column
     and value.
     """
     path = Path(path)
     where = str(path)
+    target_given = target is not None
+    if target is None:
+        target = "percentage"
     if target not in TARGETS:
         raise WeakDatasetError([Problem(f"target {target!r} must be one of {list(TARGETS)}")], title="invalid table")
     if preset not in (None, "none") and preset not in COLUMN_PRESETS:
@@ -338,6 +345,7 @@ def read_weak_label_table(path: str | os.PathLike, target: str = "percentage", c
     raw_ids: dict[str, str] = {}
     first_row: dict[str, int] = {}
     numbers: list[float] = []
+    score_like: list[bool] = []  # per plain number: an integer 0..5 written without '%'
     for i, row in enumerate(rows[header_index + 1:], start=header_index + 2):
         if not any(c.strip() for c in row):
             continue
@@ -378,12 +386,18 @@ def read_weak_label_table(path: str | os.PathLike, target: str = "percentage", c
                 entry[str(label)] = value
                 if not isinstance(value, list):
                     numbers.append(float(value))
+                    score_like.append(isinstance(value, int) and 0 <= value <= 5 and "%" not in cell)
         cases[case] = entry
     if problems:
         raise WeakDatasetError(problems, title=f"invalid table {where}")
     if not cases:
         raise WeakDatasetError([Problem("table has a header but no case rows", file=where)], title="invalid table")
 
+    if not target_given and score_like and all(score_like) and any(numbers):
+        raise WeakDatasetError([Problem(
+            "every value is an integer 0..5, which looks like CT severity scores (CTSS), not lesion percentages",
+            file=where, hint="say what the numbers are: --target ctss for scores, --target percentage for percent")],
+            title=f"ambiguous table {where}")
     obj = {"format": FORMAT, "target": target, "cases": cases}
     weak, parse_problems = parse_weak_labels(obj, source=where)
     errors = [p for p in parse_problems if p.severity == "error"]
@@ -447,5 +461,5 @@ def validate_against_dataset(weak: WeakLabels, dataset_dir: str | os.PathLike) -
                                         file=weak.path, case=case, region=region))
     for case in sorted(dataset_cases - set(weak.cases)):
         problems.append(Problem("training case has no row in the table", file=weak.path, case=case,
-                                hint="every training case needs weak targets (SPEC §1)"))
+                                hint="every training case needs weak targets (docs/reference.md, \"weak_labels.json\")"))
     return problems

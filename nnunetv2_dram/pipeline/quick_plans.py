@@ -12,7 +12,8 @@ import json
 import math
 from pathlib import Path
 
-QUICK_PLANS = "nnUNetPlans_quick"
+QUICK_SUFFIX = "_quick"
+QUICK_PLANS = "nnUNetPlans" + QUICK_SUFFIX  # the compact copy of nnU-Net's default plans
 QUICK_SETTINGS = {
     # configuration: (voxel budget of the patch, features per stage, batch size)
     "3d_fullres": (32 * 48 * 48, (16, 32, 64, 128), 2),
@@ -61,7 +62,9 @@ def quick_configuration(cfg: dict, name: str, plans_name: str) -> dict:
 
 def write_quick_plans(preprocessed_dataset_dir: str | Path, source: str = "nnUNetPlans",
                       target: str = QUICK_PLANS) -> Path:
-    """nnUNetPlans.json -> nnUNetPlans_quick.json in the same folder (written atomically)."""
+    """<source>.json -> <target>.json in the same folder (written atomically); by default nnUNetPlans.json ->
+    nnUNetPlans_quick.json. Any planner's plans work whose architecture has nnU-Net's U-Net keyword arguments
+    (plain or residual encoder)."""
     from nnunetv2_dram.io_utils import atomic_write_json
     folder = Path(preprocessed_dataset_dir)
     plans = json.loads((folder / f"{source}.json").read_text())

@@ -1,4 +1,4 @@
-"""Write a synthetic chest-CT weak dataset in the layout of SPEC §1 (an nnU-Net v2 raw dataset + weak_labels.json).
+"""Write a synthetic chest-CT weak dataset in the weak-dataset layout (an nnU-Net v2 raw dataset + weak_labels.json; docs/reference.md, "Weak dataset").
 
     raw_root/DatasetXXX_Name/
         dataset.json, weak_labels.json

@@ -27,7 +27,7 @@ from nnunetv2.utilities.helpers import dummy_context
 
 from nnunetv2_dram.building_blocks.region_pooling import pooled_log_fractions
 from nnunetv2_dram.losses.interval_regression import interval_distance, interval_regression_loss
-from nnunetv2_dram.training.budget import apply_training_budget, skip_final_validation
+from nnunetv2_dram.training.budget import apply_environment_settings, skip_final_validation
 from nnunetv2_dram.training.chunk_loader import RegionChunkLoader
 from nnunetv2_dram.training.gpu_memory import log_peak_gpu_memory
 from nnunetv2_dram.training.region_chunks import (ChunkSpec, balanced_probabilities, build_region_samples,
@@ -59,10 +59,9 @@ class WeakRegressionTrainer(nnUNetTrainer):
     margin_mm = 10.0  # context around the region's bounding box
     sampling_balance = 1.0  # 1: every severity bin equally often; 0: as the data come
     interval_band = 0.0  # tolerance (fraction) added to every target interval
-    # False: the chunk shows the region's surroundings; only the pooling uses the region mask. Measured against the
-    # authors' masking (outside voxels set to the lowest intensity) on the synthetic data: pseudo-label IoU 0.52 vs
-    # 0.33 (DRAMTrainer) and 0.47 vs 0.36 (DRAMTrainerNoRefine) at the same budget (docs/results.md). Unmasked
-    # chunks also match what whole-image inference (nnUNetv2_predict) shows the network.
+    # False: the chunk shows the region's surroundings; only the pooling uses the region mask. On the synthetic data
+    # this gave clearly better pseudo labels than the authors' masking (outside voxels set to the lowest intensity)
+    # at the same budget, and unmasked chunks match what whole-image inference (nnUNetv2_predict) shows the network.
     mask_outside = False
     # True: the interval hinge is continued in the log domain far from the target (losses/interval_regression.py), so
     # a map that went dead (all logits far below 0) still gets a gradient. False: the plain linear hinge.
@@ -72,7 +71,7 @@ class WeakRegressionTrainer(nnUNetTrainer):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_val_iterations_per_epoch = 50
-        apply_training_budget(self)
+        apply_environment_settings(self)
         self.logger.local_logger = RegionLogger()
         self.weak_labels: WeakLabels | None = None
         self.chunk_spec: ChunkSpec | None = None
@@ -81,9 +80,9 @@ class WeakRegressionTrainer(nnUNetTrainer):
 
     # ---------------------------------------------------------------- network
     def _do_i_compile(self):
-        # nnU-Net compiles by default on a GPU. Measured on an H200 (2026-11-26): DRAMTrainer under torch.compile
-        # had not finished 3 epochs of 31 iterations after 170 s, which eager mode does in 41 s with start-up.
-        # So the weak trainers run eagerly unless the user asks for compile with nnUNet_compile=t.
+        # nnU-Net compiles by default on a GPU. Compiling DRAMTrainer's network took longer than several short epochs
+        # run eagerly (3 epochs of 31 iterations unfinished after 170 s; eagerly 41 s with start-up), so the weak
+        # trainers run eagerly unless the user asks for compile with nnUNet_compile=t.
         if os.environ.get("nnUNet_compile", "").lower() in ("true", "1", "t"):
             return super()._do_i_compile()
         return False
@@ -126,7 +125,8 @@ class WeakRegressionTrainer(nnUNetTrainer):
                 return c
         raise SystemExit(f"{self.__class__.__name__}: no {WEAK_LABELS_FILE} found for "
                          f"{self.plans_manager.dataset_name} (looked at: {', '.join(candidates)}). A weak dataset "
-                         f"needs one next to its dataset.json; see SPEC §1 / `nnunetv2_dram check -d ID`.")
+                         f"needs one next to its dataset.json (format: docs/reference.md, 'Weak dataset'); "
+                         f"`nnunetv2_dram check -d ID` lists what is missing.")
 
     def load_weak_labels(self) -> WeakLabels:
         path = self.locate_weak_labels()
@@ -230,10 +230,28 @@ class WeakRegressionTrainer(nnUNetTrainer):
         mask = batch["target"].to(self.device, non_blocking=True)
         interval = batch["interval"].to(self.device, non_blocking=True)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            outputs = self.network(data, return_all=True)
+            # the chunk's own spacing (zoomed) and its region go to the refinement; the dRAM needs neither
+            outputs = self.network(data, return_all=True, spacing=batch.get("spacing"), region=mask)
             loss, pred = self.compute_loss(outputs, mask, interval)
         err = interval_distance(pred.detach().float(), interval[:, 0], interval[:, 1]) * 100
         return loss, pred.detach().float(), err
+
+    def _gradient_groups(self) -> list[list[torch.nn.Parameter]]:
+        """Parameters whose gradient norm is clipped together: the refinement (whose loss never reaches the rest)
+        apart from the rest, so that its gradients cannot change how the dRAM's are clipped."""
+        network = unwrap(self.network)
+        refinement = getattr(network, "refinement", None)
+        if refinement is None:
+            return [list(self.network.parameters())]
+        own = {id(p) for p in refinement.parameters()}
+        return [[p for p in network.parameters() if id(p) not in own], list(refinement.parameters())]
+
+    def _clip_gradients(self) -> None:
+        groups = getattr(self, "_clip_groups", None)
+        if groups is None:  # the network's parameters never change after initialisation: sort them once
+            groups = self._clip_groups = self._gradient_groups()
+        for group in groups:
+            torch.nn.utils.clip_grad_norm_(group, 12)
 
     def train_step(self, batch: dict) -> dict:
         self.optimizer.zero_grad(set_to_none=True)
@@ -241,12 +259,12 @@ class WeakRegressionTrainer(nnUNetTrainer):
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
             self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self._clip_gradients()
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
         else:
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self._clip_gradients()
             self.optimizer.step()
         return {"loss": loss.detach().cpu().numpy(), "abs_err": err.cpu().numpy()}
 

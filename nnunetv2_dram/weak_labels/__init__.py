@@ -1,4 +1,4 @@
-"""The weak dataset format (SPEC §1): weak_labels.json and its checker."""
+"""The weak dataset format (docs/reference.md, "Weak dataset"): weak_labels.json and its checker."""
 from nnunetv2_dram.weak_labels.format import (CTSS_BANDS, FILENAME, FORMAT, RegionTarget, WeakLabels,
                                               load_weak_labels, parse_weak_labels, percent_to_ctss,
                                               read_weak_labels, save_weak_labels)

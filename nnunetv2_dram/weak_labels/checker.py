@@ -1,4 +1,4 @@
-"""Checks a weak dataset (SPEC §1) and the set-up before any GPU time is spent.
+"""Checks a weak dataset (docs/reference.md, "Weak dataset") and the set-up before any GPU time is spent.
 
 Every mistake is collected as a `Problem` (file, case, region, what, what to do) instead of stopping at the
 first one, so a user fixes everything in one go. Nothing here writes: the dataset is only read.
@@ -581,7 +581,8 @@ def inspect_weak_dataset(dataset_dir: str | os.PathLike, *, verify_images: bool 
     if weak is None and not (root / WEAK_LABELS_FILENAME).is_file():
         problems[-1] = dataclasses.replace(
             problems[-1], hint=f"write the weak targets as {{\"format\": \"{WEAK_LABELS_FORMAT}\", \"target\": "
-                               f"\"percentage\", \"cases\": {{CASE: {{\"1\": 12.5, ...}}}}}} (SPEC §1)")
+                               f"\"percentage\", \"cases\": {{CASE: {{\"1\": 12.5, ...}}}}}} (docs/reference.md, "
+                               f"\"weak_labels.json\")")
 
     ending = info.file_ending
     train: dict[str, CaseFiles] | None = None

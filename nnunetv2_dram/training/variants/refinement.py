@@ -17,16 +17,6 @@ class DRAMTrainerWithCRF(DRAMTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
 
 
-class DRAMTrainerWithoutCRF(DRAMTrainer):
-    """The attention alone as the refinement."""
-
-    crf_settings = None
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-
-
 class DRAMTrainerCoarseRefinement(DRAMTrainer):
     """The refinement on a 2x coarser grid (1/4 of the voxels in 2-D, 1/8 in 3-D), its map upsampled: cheaper, but
     it cannot move an edge by less than two voxels."""
