@@ -1,16 +1,26 @@
-"""Where DRAMTrainer's extra time goes: the refinement's parts, timed alone on one batch-shaped input.
+"""Where DRAMTrainer's extra time goes: its refinement (architectures/dram_refinement.py), timed alone on one
+batch-shaped input.
 
-DRAMTrainer = nnU-Net's network + attention + dense CRF. `iteration_speed.py` gives the whole step; this script
-splits the refinement: the attention module and the trainable CRF, each forward only and forward + backward, at full
-resolution (DRAMTrainerFullRefine) and on DRAMTrainer's 2x coarser grid, with the modules exactly as the trainers build them
-(`DenseRegressionNetwork._refine` with the default attention and CRF settings). The input is what the trainer
-feeds them: a dRAM logit map, the image plus the first-stage features (1 + features channels) and the image as the
-CRF's guide, at the patch, batch and spacing given. Minimum over `--repeats` (CUDA synchronised). Each part is run
-with both implementations of the sums over neighbour offsets (`--offset-modes`: the per-offset loop, the CPU
-default, and one window view, the CUDA default; offset_windows.py); "torch ops" counts the operators one forward +
-backward dispatches, about the kernel launches on a GPU.
+`iteration_speed.py` gives the whole training step; this script times the refinement module exactly as the trainers
+build it (`<Trainer>.refinement_settings`, the same attention and CRF settings), forward only and forward + backward,
+for each refinement the trainers train:
 
-    python benchmarks/refinement_speed.py --device cpu --shape 48 80 80 --threads 1
+    DRAMTrainer                    attention at the dRAM's full resolution, no trainable CRF
+    DRAMTrainerCoarseRefinement    the same on a 2x coarser grid, its map upsampled
+    DRAMTrainerWithCRF             attention + trainable dense CRF at full resolution
+    DRAMTrainerWithCRF/coarse      attention + trainable CRF on the coarse grid (no trainer of its own)
+
+For the refinements with a CRF, the attention and the CRF are also timed alone on the refinement's grid. The input is
+what the trainer feeds the refinement: the detached dRAM logits, the image plus the first-stage features
+(1 + `--features` channels), the image as the CRF's guide and the region (lobe) mask, at the patch, batch and spacing
+given; the backward reaches the refinement's own parameters only, as in training. Each row is run with every
+implementation of the sums over neighbour offsets in `--offset-modes` (offset_windows.py: the per-offset loop, one
+window view "stacked", and "compiled", the stacked sums through torch.compile while gradients are on; a forward
+without gradients runs "compiled" as "auto", so compiled rows have no forward-only time). Minimum over `--repeats`
+(CUDA synchronised); "torch ops" counts the operators one forward + backward dispatches, about the kernel launches on
+a GPU.
+
+    python benchmarks/refinement_speed.py --device cpu --shape 24 48 48 --threads 1
     python benchmarks/refinement_speed.py --device cuda --shape 96 160 160 --features 32     # nnU-Net's plans
 
 Prints a table; --json writes the numbers.
@@ -23,6 +33,42 @@ import platform
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
+
+#: row name -> (trainer class name, changes to its refinement settings)
+VARIANTS = {
+    "DRAMTrainer": ("DRAMTrainer", {}),
+    "DRAMTrainerCoarseRefinement": ("DRAMTrainerCoarseRefinement", {}),
+    "DRAMTrainerWithCRF": ("DRAMTrainerWithCRF", {}),
+    "DRAMTrainerWithCRF/coarse": ("DRAMTrainerWithCRF", {"downsample": 2}),
+}
+
+
+def trainer_class(name: str):
+    from nnunetv2_dram.training import dram_trainers
+    from nnunetv2_dram.training.variants import refinement
+    return getattr(dram_trainers, name, None) or getattr(refinement, name)
+
+
+def refinement_settings(variant: str, offset_mode: str, crf_iterations: int | None) -> dict:
+    """The trainer's refinement settings (intensity sigma for z-scored input), with `offset_mode` everywhere and,
+    when given, `crf_iterations` mean-field iterations."""
+    name, changes = VARIANTS[variant]
+    plans_manager = SimpleNamespace(foreground_intensity_properties_per_channel={})
+    configuration_manager = SimpleNamespace(normalization_schemes=["ZScoreNormalization"])
+    settings = trainer_class(name).refinement_settings(plans_manager, configuration_manager)
+    settings = dict(settings, **changes)
+    settings["attention"] = dict(settings["attention"], offset_mode=offset_mode)
+    if settings["crf"] is not None:
+        settings["crf"] = dict(settings["crf"], offset_mode=offset_mode)
+        if crf_iterations is not None:
+            settings["crf"]["iterations"] = crf_iterations
+    return settings
+
+
+def write_json(path: str | None, result: dict) -> None:
+    if path:
+        Path(path).write_text(json.dumps(result, indent=1))
 
 
 def timed(fn, device, repeats: int) -> float:
@@ -63,20 +109,21 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--features", type=int, default=32, help="first-stage feature channels of the U-Net")
     ap.add_argument("--spacing", type=float, nargs=3, default=(2.0, 0.8, 0.8), help="mm per voxel (z, y, x)")
-    ap.add_argument("--downsample", type=int, nargs="+", default=[1, 2],
-                    help="refine_downsample values to time (1: DRAMTrainerFullRefine, 2: DRAMTrainer)")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                    help="refinements to time (see above)")
     ap.add_argument("--offset-modes", nargs="+", default=["loop", "stacked"], choices=("loop", "stacked", "compiled"),
                     help="implementations of the sums over neighbour offsets (offset_windows.py) to time side by side")
-    ap.add_argument("--crf-iterations", type=int, nargs="+", default=[5],
-                    help="mean-field iterations of the CRF to time (5: the trainers' default)")
+    ap.add_argument("--crf-iterations", type=int, nargs="+", default=[None],
+                    help="mean-field iterations of the CRF to time (default: the trainer's)")
+    ap.add_argument("--no-region", action="store_true", help="no region mask (the trainers always pass one)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
     import torch
-    from torch import nn
-    from nnunetv2_dram.architectures.dram_network import DenseRegressionNetwork
+    import torch.nn.functional as F
+    from nnunetv2_dram.architectures.dram_refinement import DRAMRefinement, _scaled_spacing
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -85,64 +132,85 @@ def main(argv=None) -> int:
     image = torch.randn(args.batch, 1, *shape, device=device)
     low = torch.randn(args.batch, args.features, *shape, device=device)
     feats = torch.cat([image, low], 1)
-    rows = []
-    for mode, k, iters in [(mode, k, i) for mode in args.offset_modes for k in args.downsample
-                           for i in args.crf_iterations]:
-        net = DenseRegressionNetwork(nn.Identity(), 3, args.spacing, 1, args.features, refine=True,
-                                     refine_downsample=k, attention_kwargs={"offset_mode": mode},
-                                     crf_kwargs={"offset_mode": mode, "iterations": iters}).to(device)
-        spacing = net.spacing_mm
-        dram = torch.randn(args.batch, 1, *shape, device=device, requires_grad=True)
-
-        def attention_forward():
-            with torch.no_grad():
-                net.attention(dram, feats)
-
-        def attention_backward():
-            net.attention(dram, feats).sum().backward()
-
-        def crf_forward():
-            with torch.no_grad():
-                net.crf(dram, image, spacing)
-
-        def crf_backward():
-            net.crf(dram, image, spacing).sum().backward()
-
-        def refine_backward():
-            attended, refined = net._refine(dram, feats, image, spacing)
-            (attended.sum() + refined.sum()).backward()
-
-        parts = [("attention", attention_forward, attention_backward), ("dense CRF", crf_forward, crf_backward),
-                 ("attention + CRF (as trained)", None, refine_backward)]
-        if mode == "compiled":  # compiled only with gradients on: a forward without them runs as "auto"
-            parts = [(name, None, backward) for name, _, backward in parts]
-        for name, forward, backward in parts:
-            if (k > 1 or iters != args.crf_iterations[0]) and name != "attention + CRF (as trained)":
-                continue  # the coarse grid and other CRF lengths only matter for the combined path
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            row = {"part": name, "offset_mode": mode, "refine_downsample": k, "crf_iterations": iters,
-                   "forward_s": round(timed(forward, device, args.repeats), 4) if forward else None,
-                   "forward_backward_s": round(timed(backward, device, args.repeats), 4),
-                   "ops_forward_backward": count_ops(backward)}
-            if device.type == "cuda":
-                row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
-            rows.append(row)
-            print(row, flush=True)
+    dram = torch.randn(args.batch, 1, *shape, device=device)  # detached, as the trainer passes it
+    region = None
+    if not args.no_region:  # a box over the central 80% of each axis, standing in for a lobe
+        region = torch.zeros(args.batch, 1, *shape, device=device)
+        region[(slice(None), slice(None), *(slice(s // 10, s - s // 10) for s in shape))] = 1
+    spacing = tuple(args.spacing)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    print(f"\n{name}; torch {torch.__version__}; batch {args.batch} x {shape}, {1 + args.features} feature channels")
-    print(f"{'part':30s} {'offsets':>8s} {'grid':>5s} {'CRF its':>7s} {'fwd s':>8s} {'fwd+bwd s':>10s} "
-          f"{'torch ops':>10s}")
+    header = {"device": name, "torch": torch.__version__, "python": platform.python_version(), "batch": args.batch,
+              "shape": shape, "features": args.features, "spacing": spacing, "region": region is not None,
+              "date": time.strftime("%Y-%m-%d")}
+    rows = []
+    for variant in args.variants:
+        for mode in args.offset_modes:
+            for crf_iterations in args.crf_iterations:
+                settings = refinement_settings(variant, mode, crf_iterations)
+                if settings["crf"] is None and crf_iterations != args.crf_iterations[0]:
+                    continue  # no CRF: one row for all CRF lengths
+                net = DRAMRefinement(3, 1 + args.features, **settings).to(device)
+                k = net.downsample
+                # the refinement's own grid, for its parts alone
+                small = tuple(max(1, s // k) for s in shape)
+                pool = (lambda t: F.adaptive_avg_pool3d(t, small)) if k > 1 else (lambda t: t)
+                g_dram, g_feats, g_image = pool(dram), pool(feats), pool(image)
+                g_region = None if region is None else (pool(region) > 0.5).float()
+                g_spacing = _scaled_spacing(spacing, [s / m for s, m in zip(shape, small)]) if k > 1 else spacing
+
+                def whole():
+                    return net(dram, feats, image, spacing, region)
+
+                def attention():
+                    return net.attention(g_dram, g_feats, mask=g_region)
+
+                def crf():
+                    return net.crf(g_dram, g_image, g_spacing, g_region)
+
+                parts = [("refinement", whole)]
+                if net.crf is not None:  # the attention alone once per offset mode, the CRF per length
+                    parts += [("  attention alone", attention)] if crf_iterations == args.crf_iterations[0] else []
+                    parts += [("  CRF alone", crf)]
+                for part, fn in parts:
+                    def forward(fn=fn):
+                        with torch.no_grad():
+                            fn()
+
+                    def backward(fn=fn):
+                        fn().sum().backward()
+
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats()
+                    row = {"variant": variant, "part": part.strip(), "offset_mode": mode, "downsample": k,
+                           "crf_iterations": None if net.crf is None else net.crf.iterations}
+                    try:
+                        row["forward_s"] = None if mode == "compiled" else \
+                            round(timed(forward, device, args.repeats), 4)
+                        row["forward_backward_s"] = round(timed(backward, device, args.repeats), 4)
+                        row["ops_forward_backward"] = count_ops(backward)
+                    except Exception as e:  # noqa: BLE001 -- e.g. out of memory: the other rows still count
+                        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                    if device.type == "cuda":
+                        row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
+                    rows.append(row)
+                    print(row, flush=True)
+                    write_json(args.json, dict(header, rows=rows))  # kept if a deadline stops the script
+                del net
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    print(f"\n{name}; torch {torch.__version__}; batch {args.batch} x {shape}, {1 + args.features} feature channels, "
+          f"spacing {spacing} mm, region {'none' if region is None else 'central 80% box'}")
+    print(f"{'refinement':28s} {'part':17s} {'offsets':>8s} {'grid':>5s} {'CRF its':>7s} {'fwd s':>8s} "
+          f"{'fwd+bwd s':>10s} {'torch ops':>10s}")
     for r in rows:
+        its = "-" if r["crf_iterations"] is None else str(r["crf_iterations"])
+        label = r["part"] if r["part"] == "refinement" else "  " + r["part"]
+        head = f"{r['variant']:28s} {label:17s} {r['offset_mode']:>8s} {'/' + str(r['downsample']):>5s} {its:>7s}"
+        if "error" in r:
+            print(f"{head} {r['error'][:80]}")
+            continue
         fwd = "-" if r["forward_s"] is None else f"{r['forward_s']:.4f}"
-        print(f"{r['part']:30s} {r['offset_mode']:>8s} {'/' + str(r['refine_downsample']):>5s} "
-              f"{r['crf_iterations']:7d} {fwd:>8s} "
-              f"{r['forward_backward_s']:10.4f} {r['ops_forward_backward']:10d}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"device": name, "torch": torch.__version__, "python":
-                                               platform.python_version(), "batch": args.batch, "shape": shape,
-                                               "features": args.features, "spacing": args.spacing, "rows": rows,
-                                               "date": time.strftime("%Y-%m-%d")}, indent=1))
+        print(f"{head} {fwd:>8s} {r['forward_backward_s']:10.4f} {r['ops_forward_backward']:10d}")
     return 0
 
 
