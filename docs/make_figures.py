@@ -3,7 +3,7 @@
     python docs/make_figures.py DIR [--case synth_003]
 
 Panels (one axial slice): CT with lobe outlines | one lobe as the network sees it (a training chunk) |
-DRAMTrainer's raw dRAM | its refined map (attention + CRF) | the pseudo label after the dense CRF on the CT |
+DRAMTrainer's raw dRAM | its refined map (local-affinity attention) | the pseudo label after the dense CRF on the CT |
 the hidden reference.
 """
 from __future__ import annotations
@@ -47,7 +47,9 @@ def main(argv=None) -> int:
     ct, regions = read(raw / "imagesTr" / f"{case}_0000.nii.gz"), read(raw / "labelsTr" / f"{case}.nii.gz")
     ref = read(raw / "referenceTr" / f"{case}.nii.gz")
     pseudo = read(root / "nnUNet_raw" / "Dataset981_SynthChestPseudo" / "labelsTr" / f"{case}.nii.gz")
-    settings = PseudoLabelSettings(dataset=dataset, configuration="3d_fullres", fold="all", trainer="DRAMTrainer",
+    # the demo trains under a budget name (DRAMTrainer_<E>epochs_<I>its); its results folder names it
+    trainer = sorted(p.name.split("__")[0] for p in (root / "nnUNet_results" / dataset).glob("DRAMTrainer*__*"))[0]
+    settings = PseudoLabelSettings(dataset=dataset, configuration="3d_fullres", fold="all", trainer=trainer,
                                    plans="nnUNetPlans_quick")
     model = LoadedModel(settings, torch.device("cpu"))
     files = [str(raw / "imagesTr" / f"{case}_0000.nii.gz")]
@@ -69,7 +71,7 @@ def main(argv=None) -> int:
     axes[1].imshow(chunk[0, cz].numpy(), cmap="gray")
     axes[1].contour(cmask[0, cz].numpy(), levels=[0.5], colors="yellow", linewidths=1)
     axes[1].set_title(f"training chunk: lobe {lobe.region} + 10 mm")
-    for ax, key, title in ((axes[2], "dram", "dRAM (raw map)"), (axes[3], "refined", "attention + CRF")):
+    for ax, key, title in ((axes[2], "dram", "dRAM (raw map)"), (axes[3], "refined", "refined map (attention)")):
         ax.imshow(ct[z], **window)
         ax.imshow(np.ma.masked_where(regions[z] == 0, maps[key][z]), cmap="magma", vmin=0, vmax=1, alpha=0.7)
         ax.set_title(title)
