@@ -29,7 +29,7 @@ finish) and logs/. A second call with the same workspace resumes: finished train
 kept, everything after them is evaluated again. --parallel-arms runs each (training seed, arm) chain of a column
 in a process of its own after the shared data are ready (one GPU, all arms at once).
 
-    python benchmarks/quality.py --device cpu                      # one 3-D percentage run, ~25 min on 2 cores
+    python benchmarks/quality.py --device cpu                      # one 3-D percentage run, ~18 min on 2 cores
     python benchmarks/quality.py --device cpu --seeds 0 1 2 --targets percentage ctss --json quality_cpu.json
     python benchmarks/quality.py --device cpu --seeds 0 1 --arms DRAMTrainer DRAMTrainerNoRefine   # one question
     python benchmarks/quality.py --device cuda --preset full --parallel-arms --train 24 --test 8

@@ -60,7 +60,12 @@ def _rank_main(rank: int, world_size: int, port: int, env: dict, dataset: str, o
 def _run_ranks(ws, dataset, tmp_path, **env) -> list[dict]:
     import torch.multiprocessing as mp
     run_env = ws.environ(**env)
-    mp.spawn(_rank_main, args=(2, _free_port(), run_env, dataset, str(tmp_path)), nprocs=2, join=True)
+    try:
+        mp.spawn(_rank_main, args=(2, _free_port(), run_env, dataset, str(tmp_path)), nprocs=2, join=True)
+    except mp.ProcessExitedException:
+        # the free port (or one gloo opens next to it) can be taken by another process between choosing it and
+        # binding it on a busy machine; a second start with a fresh port tells that apart from a real crash
+        mp.spawn(_rank_main, args=(2, _free_port(), run_env, dataset, str(tmp_path)), nprocs=2, join=True)
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
 
