@@ -53,6 +53,8 @@ def _rank_main(rank: int, world_size: int, port: int, env: dict, dataset: str, o
                   "train_mae": logged["train_region_mae"], "val_loss": logged["val_losses"],
                   "val_mae": logged["val_region_mae"], "hit_rate": hits[1]}
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+        # no rank may tear down its gloo connections while the other still reads from them
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -60,12 +62,7 @@ def _rank_main(rank: int, world_size: int, port: int, env: dict, dataset: str, o
 def _run_ranks(ws, dataset, tmp_path, **env) -> list[dict]:
     import torch.multiprocessing as mp
     run_env = ws.environ(**env)
-    try:
-        mp.spawn(_rank_main, args=(2, _free_port(), run_env, dataset, str(tmp_path)), nprocs=2, join=True)
-    except mp.ProcessExitedException:
-        # the free port (or one gloo opens next to it) can be taken by another process between choosing it and
-        # binding it on a busy machine; a second start with a fresh port tells that apart from a real crash
-        mp.spawn(_rank_main, args=(2, _free_port(), run_env, dataset, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(2, _free_port(), run_env, dataset, str(tmp_path)), nprocs=2, join=True)
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
 
