@@ -57,7 +57,7 @@ import numpy as np
 WEAK_TRAINERS = ("DRAMTrainer", "DRAMTrainerNoRefine", "CAMTrainer")
 FULL = "full"
 ARMS = (*WEAK_TRAINERS, FULL)
-MAX_EXTRA_TRAINERS = 4
+MAX_EXTRA_TRAINERS = 6
 # Dataset ids inside one column's nnU-Net folders (a column and each of its training seeds have folders of their
 # own, so the ids repeat between columns): the weak dataset, the fully supervised one, and per weak trainer its
 # pseudo labels without (id) and with (id + 1) the dense CRF; --extra-trainers take 808, 810, ... in their order.

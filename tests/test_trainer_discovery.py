@@ -8,7 +8,8 @@ import pytest
 from nnunetv2_dram.paths import trainers_path
 
 TRAINERS = ["DRAMTrainer", "DRAMTrainerNoRefine", "CAMTrainer", "DRAMTrainerWithCRF",
-            "DRAMTrainerCoarseRefinement", "nnUNetTrainerBudget"]
+            "DRAMTrainerCoarseRefinement", "DRAMTrainerWithoutHead", "DRAMTrainerHeadOnly",
+            "DRAMTrainerPointwiseHead", "nnUNetTrainerBudget"]
 
 
 def test_trainers_path_command_prints_the_trainers_folder():

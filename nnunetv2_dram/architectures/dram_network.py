@@ -27,7 +27,8 @@ def _split_encoder_decoder(backbone: nn.Module):
 class DenseRegressionNetwork(nn.Module):
     """dRAM: nnU-Net's segmentation network with one output channel (the dRAM logit), optionally followed by a
     refinement (architectures/dram_refinement.py) that computes a refined map of its own from the detached dRAM,
-    the image and the backbone's first-stage features."""
+    the image, the backbone's first-stage features and (for the refinement's head) the decoder's last features,
+    all detached."""
 
     def __init__(self, backbone: nn.Module, dim: int, spacing: Sequence[float], image_channels: int,
                  low_level_channels: int | None, refinement: dict | None = None):
@@ -39,7 +40,9 @@ class DenseRegressionNetwork(nn.Module):
         self.spacing_mm = tuple(float(s) for s in spacing)
         if refinement is not None:
             from nnunetv2_dram.architectures.dram_refinement import DRAMRefinement
-            self.refinement = DRAMRefinement(dim, image_channels + (low_level_channels or 0), **refinement)
+            # nnU-Net's U-Nets end their decoder with as many features as their first stage has
+            self.refinement = DRAMRefinement(dim, image_channels + (low_level_channels or 0), **refinement,
+                                             head_channels=image_channels + (low_level_channels or 0))
         else:
             self.refinement = None
         self.output_map = "refined" if refinement is not None else "dram"  # what forward(x) gives the predictor
@@ -48,26 +51,40 @@ class DenseRegressionNetwork(nn.Module):
     def decoder(self):  # lets nnU-Net-style code toggle deep supervision
         return getattr(self.backbone, "decoder", None)
 
-    def _backbone(self, x):
+    def _backbone(self, x, decoder_features: bool = False):
+        """(the backbone's output, its first-stage features, its decoder's last features if asked for)"""
         enc, dec = _split_encoder_decoder(self.backbone)
         if enc is None:
-            return self.backbone(x), None
+            if decoder_features:
+                raise ValueError("the refinement's head needs an architecture with an encoder and a decoder")
+            return self.backbone(x), None, None
         skips = enc(x)
-        return dec(skips), skips[0]
+        if not decoder_features:
+            return dec(skips), skips[0], None
+        # the full-resolution output layer's input is the decoder's last features, with or without deep supervision
+        captured = []
+        hook = dec.seg_layers[-1].register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+        try:
+            out = dec(skips)
+        finally:
+            hook.remove()
+        return out, skips[0], captured[-1]
 
     def forward(self, x: torch.Tensor, return_all: bool = False, spacing=None, region: torch.Tensor | None = None):
         """return_all: {"dram": [logits per deep-supervision scale], "refined": logits or None}; otherwise the
         two-channel tensor for nnU-Net's predictor. spacing: mm per axis of x's grid (default: the plan's), one row
         per sample where chunks were zoomed; region (B, 1, *S): the region the sample is about, if any."""
-        out, low = self._backbone(x)
+        wants_head = self.refinement is not None and self.refinement.head is not None
+        out, low, last = self._backbone(x, decoder_features=wants_head)
         outs = list(out) if isinstance(out, (list, tuple)) else [out]
         dram = outs[0]
         refined = None
         if self.refinement is not None:
             # the refinement reads the backbone's features and map but trains neither
             feats = x if low is None else torch.cat([x, low.detach().to(x.dtype)], dim=1)
+            head_features = torch.cat([x, last.detach().to(x.dtype)], dim=1) if wants_head else None
             refined = self.refinement(dram.detach(), feats, x[:, :1], self.spacing_mm if spacing is None else spacing,
-                                      region)
+                                      region, head_features=head_features)
         if return_all:
             return {"dram": outs, "refined": refined}
         return _two_channels(refined if refined is not None else dram)

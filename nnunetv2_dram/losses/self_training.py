@@ -1,17 +1,20 @@
 """Per-voxel self-training of the refined map on the thresholded, detached dRAM inside the region.
 
-The refinement (attention, optionally a CRF) gets no voxel labels. Its target is the dRAM itself, thresholded:
-inside the region, the voxels that the dRAM ranks highest become lesion, as many as the region's weak label allows
+The refinement (classifier head, attention, optionally a CRF) gets no voxel labels. Its target is the dRAM itself,
+thresholded: inside the region, the voxels that the dRAM ranks highest become lesion, as many as the region's weak label allows
 (`calibrated_targets`), the rest background; outside the region there is no target at all. A region whose weak
 target is 0 % (CTSS 0) has no lesion voxel. The dRAM is detached: this loss trains the refinement only, the dRAM
 learns from its region regression alone.
 
-Two things keep the refinement from merely copying the dRAM's mistakes:
+Three things keep the refinement from merely copying the dRAM's mistakes:
 - class balance: in every sample the lesion and the background voxels carry half of that sample's loss each
   (lesion voxels are rare; without balance the refinement would learn to erase them);
 - soft bootstrapping (Reed et al. 2015): the target is mixed with the refined map's own (detached) prediction,
   target = beta * dRAM label + (1 - beta) * q, so where the refinement is confident and the image supports it, it
-  may overrule the dRAM's label.
+  may overrule the dRAM's label;
+- the classifier head does not see the dRAM: it must predict the label from the decoder's features and the image,
+  with one set of weights for every voxel of every case, so it learns what the dRAM's confident voxels look like
+  and scores by that also the voxels (and lesions) the dRAM missed.
 """
 from __future__ import annotations
 

@@ -18,9 +18,11 @@ CRF_INTENSITY_SIGMA_HU = 60.0
 class DRAMTrainer(WeakRegressionTrainer):
     """Dense regression activation maps: nnU-Net's network with one sigmoid output, averaged inside each region to
     regress the region's lesion fraction (on every deep-supervision scale). A refinement computes a map of its own
-    from the detached dRAM (local-affinity attention over the image and the first-stage features, optionally a
-    trainable dense CRF), trained per voxel by class-balanced, bootstrapped self-training against the dRAM
-    thresholded inside the region (losses/self_training.py). Pseudo labels come from the refined map."""
+    from the detached dRAM: a per-voxel classifier head on the decoder's last features and the image adds its logits
+    to the dRAM's, and a local-affinity attention over the image and the first-stage features propagates the sum
+    (optionally followed by a trainable dense CRF). The refinement is trained per voxel by class-balanced,
+    bootstrapped self-training against the dRAM thresholded inside the region (losses/self_training.py); nothing of
+    it reaches the dRAM. Pseudo labels come from the refined map."""
 
     refine = True
     #: the attention (building_blocks/local_attention.py): 3^dim neighbours, propagated `iterations` times, each
@@ -30,6 +32,9 @@ class DRAMTrainer(WeakRegressionTrainer):
     #: None: no CRF inside the network while training (the pseudo labels get a dense CRF on the CT either way);
     #: a dict (TrainableDenseCRF's arguments, may be empty) switches the trainable CRF on
     crf_settings: dict | None = None
+    #: the per-voxel classifier head (building_blocks/voxel_head.py; VoxelClassifierHead's arguments plus "combine":
+    #: "add" its logits to the dRAM's, or "replace" them); None: the attention alone refines the dRAM
+    head_settings: dict | None = {"combine": "add"}
     #: 1: the refinement at the dRAM's full resolution, so that it can move an edge by a voxel
     refine_downsample = 1
     self_training_weight = 1.0
@@ -53,7 +58,8 @@ class DRAMTrainer(WeakRegressionTrainer):
             attention["offset_mode"] = offset_mode
             if crf is not None:
                 crf["offset_mode"] = offset_mode
-        return {"attention": attention, "crf": crf, "downsample": cls.refine_downsample}
+        head = None if cls.head_settings is None else dict(cls.head_settings)
+        return {"attention": attention, "crf": crf, "downsample": cls.refine_downsample, "head": head}
 
     @classmethod
     def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,

@@ -1,2 +1,4 @@
 """nnU-Net finds DRAMTrainer's refinement variants here through nnUNet_extTrainer; the logic lives in nnunetv2_dram."""
-from nnunetv2_dram.training.variants.refinement import DRAMTrainerCoarseRefinement, DRAMTrainerWithCRF  # noqa: F401
+from nnunetv2_dram.training.variants.refinement import (DRAMTrainerCoarseRefinement, DRAMTrainerHeadOnly,  # noqa: F401
+                                                        DRAMTrainerPointwiseHead, DRAMTrainerWithCRF,
+                                                        DRAMTrainerWithoutHead)

@@ -26,3 +26,35 @@ class DRAMTrainerCoarseRefinement(DRAMTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
+
+
+class DRAMTrainerWithoutHead(DRAMTrainer):
+    """The refinement without its per-voxel classifier head: the attention alone propagates the dRAM's logits."""
+
+    head_settings = None
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+
+
+class DRAMTrainerHeadOnly(DRAMTrainer):
+    """The head's logits replace the dRAM's before the attention: the refined map is what the head learnt from the
+    thresholded dRAM, without the dRAM itself."""
+
+    head_settings = {"combine": "replace"}
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+
+
+class DRAMTrainerPointwiseHead(DRAMTrainer):
+    """The classifier head with 1^dim instead of 3^dim convolutions: a per-voxel perceptron on the decoder's features
+    and the image, cheaper."""
+
+    head_settings = {"combine": "add", "kernel_size": 1}
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
