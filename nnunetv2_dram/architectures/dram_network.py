@@ -40,9 +40,10 @@ class DenseRegressionNetwork(nn.Module):
         self.spacing_mm = tuple(float(s) for s in spacing)
         if refinement is not None:
             from nnunetv2_dram.architectures.dram_refinement import DRAMRefinement
-            # nnU-Net's U-Nets end their decoder with as many features as their first stage has
-            self.refinement = DRAMRefinement(dim, image_channels + (low_level_channels or 0), **refinement,
-                                             head_channels=image_channels + (low_level_channels or 0))
+            channels = image_channels + (low_level_channels or 0)
+            # the head reads the image and the decoder's last features: nnU-Net's U-Nets end their decoder with as
+            # many features as their first stage has, so both inputs have the same channels
+            self.refinement = DRAMRefinement(dim, channels, **refinement, head_channels=channels)
         else:
             self.refinement = None
         self.output_map = "refined" if refinement is not None else "dram"  # what forward(x) gives the predictor

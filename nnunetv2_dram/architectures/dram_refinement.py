@@ -42,7 +42,8 @@ _CRF_CONFIGURABLE = ("iterations", "spatial_sigma_mm", "bilateral_sigma_mm", "in
 
 
 class DRAMRefinement(nn.Module):
-    """Attention (and optionally a trainable CRF) from the dRAM's logits to the refined map's logits."""
+    """Classifier head and attention (each optional, and a trainable CRF) from the dRAM's logits to the refined
+    map's logits."""
 
     def __init__(self, dim: int, feature_channels: int, attention: dict | None = None, crf: dict | None = None,
                  downsample: int = 1, head: dict | None = None, head_channels: int | None = None):
@@ -88,10 +89,7 @@ class DRAMRefinement(nn.Module):
             # a model trained without the head (or before there was one) predicts as it was trained: the head is
             # dropped before the weights are loaded, so its parameters are neither expected nor missing
             self.head = self.head_combine = None
-        stored_head, own_head = stored.get("head"), self.settings()["head"]
-        # a setting the checkpoint does not name keeps this network's value
-        if (stored_head is None) != (own_head is None) or (
-                stored_head is not None and any(stored_head[k] != own_head.get(k) for k in stored_head)):
+        if stored.get("head") != self.settings()["head"]:
             raise RuntimeError(f"the checkpoint's refinement head is {stored.get('head')!r}, this network's "
                                f"{self.settings()['head']!r}: load it with the trainer it was trained with")
         attention = stored["attention"]

@@ -1,10 +1,10 @@
 """Per-voxel self-training of the refined map on the thresholded, detached dRAM inside the region.
 
 The refinement (classifier head, attention, optionally a CRF) gets no voxel labels. Its target is the dRAM itself,
-thresholded: inside the region, the voxels that the dRAM ranks highest become lesion, as many as the region's weak label allows
-(`calibrated_targets`), the rest background; outside the region there is no target at all. A region whose weak
-target is 0 % (CTSS 0) has no lesion voxel. The dRAM is detached: this loss trains the refinement only, the dRAM
-learns from its region regression alone.
+thresholded: inside the region, the voxels that the dRAM ranks highest become lesion, as many as the region's weak
+label allows (`calibrated_targets`), the rest background; outside the region there is no target at all. A region
+whose weak target is 0 % (CTSS 0) has no lesion voxel. The dRAM is detached: this loss trains the refinement only,
+the dRAM learns from its region regression alone.
 
 Three things keep the refinement from merely copying the dRAM's mistakes:
 - class balance: in every sample the lesion and the background voxels carry half of that sample's loss each
