@@ -25,7 +25,7 @@
 #            default for our trainers: compilation takes minutes before the first step)
 #   steps   (~4 min, DEADLINE_S 240): the train step alone (no nnUNetv2_train loop) on nnU-Net's full plans, 5 CTs
 #            of 96x192x192, as a ratio to stock nnUNetTrainer, for DRAMTrainer, DRAMTrainerNoRefine,
-#            DRAMTrainerWithoutHead, DRAMTrainerPointwiseHead, DRAMTrainerCoarseRefinement, DRAMTrainerWithCRF and
+#            DRAMTrainerWithoutAttention, DRAMTrainerDecoderHead, DRAMTrainerCoarseRefinement, DRAMTrainerWithCRF and
 #            last DRAMTrainer+compiled
 #            (NNUNETV2_DRAM_REFINE_OFFSETS=compiled), 12 steps after 3 warm-up ones, then 2 profiled for the GPU's
 #            busy time (torch.profiler); a row the deadline stops is reported as stopped. Then, with what time is
@@ -165,7 +165,7 @@ train_steps() {  # train_steps STEPS WARMUP PROFILE_STEPS
   nnUNet_n_proc_DA=$da nnUNet_compile=f timeout -k 20 $(( $(left) - 25 )) python3 benchmarks/iteration_speed.py \
     --device $device --plans $plans --shape $shape --cases $cases --mode steps --steps $1 --warmup $2 \
     --profile-steps $3 --workspace "$ws" --json "$OUT/train_steps.json" --trainers nnUNetTrainer DRAMTrainer \
-    DRAMTrainerNoRefine DRAMTrainerWithoutHead DRAMTrainerPointwiseHead DRAMTrainerCoarseRefinement \
+    DRAMTrainerNoRefine DRAMTrainerWithoutAttention DRAMTrainerDecoderHead DRAMTrainerCoarseRefinement \
     DRAMTrainerWithCRF DRAMTrainer+compiled \
     > "$OUT/train_steps.log" 2>&1
   echo "exit $? after $(( $(date +%s) - start )) s" >> "$OUT/train_steps.log"

@@ -5,7 +5,8 @@ batch-shaped input.
 build it (`<Trainer>.refinement_settings`, the same attention and CRF settings), forward only and forward + backward,
 for each refinement the trainers train:
 
-    DRAMTrainer                    attention at the dRAM's full resolution, no trainable CRF
+    DRAMTrainer                    attention at the dRAM's full resolution plus the pointwise intensity head, no
+                                   trainable CRF
     DRAMTrainerCoarseRefinement    the same on a 2x coarser grid, its map upsampled
     DRAMTrainerWithCRF             attention + trainable dense CRF at full resolution
     DRAMTrainerWithCRF/coarse      attention + trainable CRF on the coarse grid (no trainer of its own)
@@ -58,7 +59,8 @@ def refinement_settings(variant: str, offset_mode: str, crf_iterations: int | No
     configuration_manager = SimpleNamespace(normalization_schemes=["ZScoreNormalization"])
     settings = trainer_class(name).refinement_settings(plans_manager, configuration_manager)
     settings = dict(settings, **changes)
-    settings["attention"] = dict(settings["attention"], offset_mode=offset_mode)
+    if settings["attention"] is not False:
+        settings["attention"] = dict(settings["attention"], offset_mode=offset_mode)
     if settings["crf"] is not None:
         settings["crf"] = dict(settings["crf"], offset_mode=offset_mode)
         if crf_iterations is not None:
@@ -149,7 +151,12 @@ def main(argv=None) -> int:
                 settings = refinement_settings(variant, mode, crf_iterations)
                 if settings["crf"] is None and crf_iterations != args.crf_iterations[0]:
                     continue  # no CRF: one row for all CRF lengths
-                net = DRAMRefinement(3, 1 + args.features, **settings).to(device)
+                head = settings.get("head")
+                image_head = head is not None and head.get("inputs", "decoder") == "image"
+                # the head reads the image, or the image and (as stand-in for the decoder's) the features
+                head_channels = None if head is None else (1 if image_head else 1 + args.features)
+                head_features = None if head is None else (image if image_head else feats)
+                net = DRAMRefinement(3, 1 + args.features, **settings, head_channels=head_channels).to(device)
                 k = net.downsample
                 # the refinement's own grid, for its parts alone
                 small = tuple(max(1, s // k) for s in shape)
@@ -159,7 +166,7 @@ def main(argv=None) -> int:
                 g_spacing = _scaled_spacing(spacing, [s / m for s, m in zip(shape, small)]) if k > 1 else spacing
 
                 def whole():
-                    return net(dram, feats, image, spacing, region)
+                    return net(dram, feats, image, spacing, region, head_features=head_features)
 
                 def attention():
                     return net.attention(g_dram, g_feats, mask=g_region)

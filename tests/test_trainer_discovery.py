@@ -9,7 +9,8 @@ from nnunetv2_dram.paths import trainers_path
 
 TRAINERS = ["DRAMTrainer", "DRAMTrainerNoRefine", "CAMTrainer", "DRAMTrainerWithCRF",
             "DRAMTrainerCoarseRefinement", "DRAMTrainerWithoutHead", "DRAMTrainerHeadOnly",
-            "DRAMTrainerPointwiseHead", "nnUNetTrainerBudget"]
+            "DRAMTrainerPointwiseHead", "DRAMTrainerDecoderHead", "DRAMTrainerWithoutAttention",
+            "nnUNetTrainerBudget"]
 
 
 def test_trainers_path_command_prints_the_trainers_folder():

@@ -1,6 +1,6 @@
 """The refinement's per-voxel classifier head: it learns from the thresholded dRAM what lesions look like, reads the
-decoder's last features without training the backbone, starts as the identity when added, and is stored with the
-checkpoint."""
+image (and, if asked, the backbone's features) without training the backbone, starts as the identity when added,
+and is stored with the checkpoint."""
 import pytest
 import torch
 from scipy import ndimage
@@ -8,8 +8,10 @@ from torch import nn
 
 from nnunetv2_dram.architectures.dram_network import DenseRegressionNetwork
 from nnunetv2_dram.architectures.dram_refinement import DRAMRefinement
+from nnunetv2_dram.inference.region_inference import predict_case_by_regions
 from nnunetv2_dram.losses.self_training import calibrated_targets, self_training_loss
 from nnunetv2_dram.training.dram_trainers import DRAMTrainer
+from nnunetv2_dram.training.region_chunks import ChunkSpec, build_region_samples, region_bboxes
 
 from test_dram_refinement import _iou
 
@@ -36,23 +38,29 @@ def _self_trained_iou(head: dict | None) -> float:
     refinement = DRAMRefinement(2, 1, DRAMTrainer.attention_settings, head=head, head_channels=1 if head else None)
     optimizer = torch.optim.Adam(refinement.parameters(), lr=0.05)
 
-    def refined():
-        return refinement(dram, image, image, (1.0, 1.0), region, head_features=image if head else None)
+    def refined(return_head=False):
+        return refinement(dram, image, image, (1.0, 1.0), region, head_features=image if head else None,
+                          return_head=return_head)
 
     for _ in range(40):
-        loss = self_training_loss(refined(), dram, region, interval)
+        out, head_logits = refined(return_head=True)
+        loss = self_training_loss(out, dram, region, interval)
+        if refinement.head_own_loss:
+            loss = loss + self_training_loss(head_logits, dram, region, interval)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     return _iou(calibrated_targets(refined().detach(), region, interval)[0, 0], truth)
 
 
-@pytest.mark.parametrize("combine, gain", [("add", 0.04), ("replace", 0.2)])
-def test_self_training_teaches_the_head_what_a_lesion_the_dram_missed_looks_like(combine, gain):
+@pytest.mark.parametrize("head, gain", [({"combine": "add"}, 0.04), ({"combine": "replace"}, 0.2),
+                                        ({"combine": "add", "inputs": "image", "kernel_size": 1, "own_loss": True}, 0.04),
+                                        (DRAMTrainer.head_settings, 0.04)])
+def test_self_training_teaches_the_head_what_a_lesion_the_dram_missed_looks_like(head, gain):
     """The attention only moves the dRAM's own lesion along the image; the head learns from it what lesions look
     like and finds the second one, which the dRAM missed, far from the first."""
     attention_only = _self_trained_iou(None)
-    with_head = _self_trained_iou({"combine": combine})
+    with_head = _self_trained_iou(head)
     assert with_head > attention_only + gain, (attention_only, with_head)
 
 
@@ -74,10 +82,13 @@ def _network(dim: int, head: dict | None, deep_supervision: bool = True) -> Dens
 
 @pytest.mark.parametrize("shape", [(2, 1, 8, 16, 16), (2, 1, 16, 16)])
 @pytest.mark.parametrize("deep_supervision", [True, False])
-def test_the_head_reads_the_decoder_without_training_it_and_starts_as_the_identity(shape, deep_supervision):
+@pytest.mark.parametrize("inputs, combine", [("decoder", "add"), ("encoder", "add"), ("image", "add_after")])
+def test_the_head_reads_its_inputs_without_training_the_backbone_and_starts_as_the_identity(shape, deep_supervision,
+                                                                                           inputs, combine):
     dim = len(shape) - 2
     x = torch.randn(shape)
-    with_head = _network(dim, {"combine": "add"}, deep_supervision)
+    with_head = _network(dim, {"combine": combine, "inputs": inputs}, deep_supervision)
+    assert with_head.refinement.head.in_channels == (1 if inputs == "image" else 5)
     without = _network(dim, None, deep_supervision)
     without.load_state_dict({k: v for k, v in with_head.state_dict().items() if "refinement.head" not in k
                              and not k.endswith("_extra_state")}, strict=False)
@@ -92,16 +103,17 @@ def test_the_head_reads_the_decoder_without_training_it_and_starts_as_the_identi
 def test_the_head_is_stored_with_the_checkpoint():
     trained = _network(2, {"combine": "replace"})
     state = trained.state_dict()
-    assert trained.refinement.settings()["head"] == {"combine": "replace", "in_channels": 5, "hidden_channels": 16,
-                                                     "depth": 1, "kernel_size": 3}
-    rebuilt = _network(2, {"combine": "replace"})
-    rebuilt.load_state_dict(state)
+    assert trained.refinement.settings()["head"] == {"combine": "replace", "inputs": "decoder", "own_loss": False,
+                                                     "in_channels": 5, "hidden_channels": 16, "depth": 1,
+                                                     "kernel_size": 3, "norm": True}
     x = torch.randn(1, 1, 16, 16)
-    with torch.no_grad():
-        assert torch.equal(rebuilt(x), trained(x))
-    for other in (None, {"combine": "add"}):
-        with pytest.raises(RuntimeError, match="head"):
-            _network(2, other).load_state_dict(state)
+    # whatever head the loading network was built with (none, another one), the checkpoint's own is rebuilt
+    for other in ({"combine": "replace"}, None, {"combine": "add"}, DRAMTrainer.head_settings):
+        rebuilt = _network(2, other)
+        rebuilt.load_state_dict(state)
+        assert rebuilt.refinement.settings() == trained.refinement.settings()
+        with torch.no_grad():
+            assert torch.equal(rebuilt(x), trained(x))
 
 
 def test_a_model_trained_without_the_head_loads_and_predicts_as_it_was_trained():
@@ -112,3 +124,105 @@ def test_a_model_trained_without_the_head_loads_and_predicts_as_it_was_trained()
     x = torch.randn(1, 1, 16, 16)
     with torch.no_grad():
         assert torch.equal(rebuilt(x), trained(x))
+
+
+def test_a_model_whose_head_settings_name_no_inputs_loads_as_a_head_on_the_decoder():
+    """Models of version 0.3.0 store neither the head's inputs nor its loss: their head read the decoder and was
+    trained through the refined map. They load as such, also into a network built with today's head."""
+    trained = _network(2, {"combine": "add"})
+    with torch.no_grad():
+        trained.refinement.head.out.weight.normal_()
+    state = trained.state_dict()
+    stored = state["refinement._extra_state"]["settings"]["head"]
+    del stored["inputs"], stored["own_loss"], stored["norm"]
+    rebuilt = _network(2, {"combine": "add"})
+    rebuilt.load_state_dict(state)
+    x = torch.randn(1, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), trained(x))
+    current = _network(2, DRAMTrainer.head_settings)
+    current.load_state_dict(state)
+    assert current.refinement.head_inputs == "decoder" and not current.refinement.voxelwise_head
+    with torch.no_grad():
+        assert torch.equal(current(x), trained(x))
+
+
+@pytest.mark.parametrize("combine", ["add", "add_after"])
+def test_a_head_with_a_loss_of_its_own_is_trained_by_that_loss_only(combine):
+    """Trained through the refined map, a head learns only what the dRAM does not already say about the dRAM's own
+    threshold; with `own_loss` it is a classifier of its own, and the refined map's loss does not reach it."""
+    net = _network(3, {"combine": combine, "inputs": "image", "kernel_size": 1, "own_loss": True})
+    x = torch.randn(2, 1, 8, 16, 16)
+    out = net(x, return_all=True)
+    assert out["head"].shape == out["refined"].shape
+    out["refined"].mean().backward(retain_graph=True)
+    assert net.refinement.head.out.weight.grad is None
+    out["head"].mean().backward()
+    assert net.refinement.head.out.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in net.backbone.parameters())
+
+
+def _case(dim: int, size: int):
+    """A case of two regions whose image has single-voxel bright spots (a detail finer than a zoomed chunk)."""
+    z = size // 2 if dim == 3 else 1
+    g = torch.Generator().manual_seed(1)
+    data = (0.1 * torch.randn(1, z, size, size, generator=g)).numpy()
+    data[0, :, 3::4, 3::4] = 3.0
+    seg = torch.zeros(1, z, size, size, dtype=torch.int16).numpy()
+    seg[0, :, 2:-2, 2:size // 2] = 1
+    seg[0, :, 2:-2, size // 2 + 1:-2] = 2
+    samples, _ = build_region_samples({"case": region_bboxes(seg)}, None)
+    return data, seg, samples
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_a_voxelwise_head_is_evaluated_on_the_case_grid(dim, monkeypatch):
+    """The chunks are zoomed to fit the patch, so a map computed on them is coarser than the case. DRAMTrainer's head
+    (pointwise, on the image, no norm, added after the attention) needs only each voxel's intensity: it is added on
+    the case's own grid, where it sees every bright voxel; without zoom that is exactly the chunk's refined map."""
+    net = _network(dim, DRAMTrainer.head_settings).eval()
+    assert net.refinement.voxelwise_head
+    with torch.no_grad():
+        net.refinement.head.out.weight.fill_(1.0)
+
+    def refined(size, chunk):
+        data, seg, samples = _case(dim, size)
+        spec = ChunkSpec.from_configuration((chunk,) * dim, (1.0,) * dim, 1.0, True)
+        grid, image = (seg[0], data[0]) if dim == 3 else (seg[0, 0], data[0, 0])
+        return predict_case_by_regions(net, data, seg, samples, spec, torch.device("cpu")).probability, grid, image
+
+    # no zoom: the head on the case grid gives the chunks' own refined maps
+    on_case_grid, _, _ = refined(16, 32)
+    monkeypatch.setattr(DRAMRefinement, "voxelwise_head", property(lambda self: False))
+    on_chunks, _, _ = refined(16, 32)
+    assert torch.allclose(torch.from_numpy(on_case_grid), torch.from_numpy(on_chunks), atol=1e-5)
+    # zoomed chunks: on the chunks the bright voxels are averaged with their neighbours, on the case grid each of
+    # them stands out against every other voxel of the region
+    zoomed, grid, image = refined(32, 16)
+    monkeypatch.undo()
+    on_case_grid, grid, image = refined(32, 16)
+    inside = grid > 0
+    bright = inside & (image > 1)
+    assert on_case_grid[bright].min() > on_case_grid[inside & ~bright].max()
+    assert not zoomed[bright].min() > zoomed[inside & ~bright].max()
+
+
+def test_a_refinement_without_attention_is_the_dram_plus_the_head_and_is_stored_so():
+    net = _network(2, DRAMTrainer.head_settings)
+    without = DenseRegressionNetwork(_unet(2, True), 2, (1.0, 1.0), image_channels=1, low_level_channels=4,
+                                     refinement={"attention": False, "crf": None, "downsample": 1,
+                                                 "head": DRAMTrainer.head_settings})
+    assert without.refinement.attention is None and without.refinement.settings()["attention"] is None
+    with torch.no_grad():
+        without.refinement.head.out.weight.normal_()
+    x = torch.randn(2, 1, 16, 16)
+    out = without(x, return_all=True)
+    assert torch.allclose(out["refined"], out["dram"][0] + out["head"], atol=1e-6)
+    rebuilt = DenseRegressionNetwork(_unet(2, True), 2, (1.0, 1.0), image_channels=1, low_level_channels=4,
+                                     refinement={"attention": False, "crf": None, "downsample": 1,
+                                                 "head": DRAMTrainer.head_settings})
+    rebuilt.load_state_dict(without.state_dict())
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), without(x))
+    with pytest.raises(RuntimeError, match="attention"):
+        net.load_state_dict(without.state_dict())

@@ -41,9 +41,12 @@ class DenseRegressionNetwork(nn.Module):
         if refinement is not None:
             from nnunetv2_dram.architectures.dram_refinement import DRAMRefinement
             channels = image_channels + (low_level_channels or 0)
-            # the head reads the image and the decoder's last features: nnU-Net's U-Nets end their decoder with as
-            # many features as their first stage has, so both inputs have the same channels
-            self.refinement = DRAMRefinement(dim, channels, **refinement, head_channels=channels)
+            head = refinement.get("head")
+            # the decoder's last features: nnU-Net's U-Nets end their decoder with as many features as their first
+            # stage has, so "encoder" and "decoder" inputs have the same channels
+            head_channels = None if head is None else (
+                image_channels if head.get("inputs", "decoder") == "image" else channels)
+            self.refinement = DRAMRefinement(dim, channels, **refinement, head_channels=head_channels)
         else:
             self.refinement = None
         self.output_map = "refined" if refinement is not None else "dram"  # what forward(x) gives the predictor
@@ -72,22 +75,26 @@ class DenseRegressionNetwork(nn.Module):
         return out, skips[0], captured[-1]
 
     def forward(self, x: torch.Tensor, return_all: bool = False, spacing=None, region: torch.Tensor | None = None):
-        """return_all: {"dram": [logits per deep-supervision scale], "refined": logits or None}; otherwise the
+        """return_all: {"dram": [logits per deep-supervision scale], "refined": logits or None, "head": the refinement
+        head's logits or None}; otherwise the
         two-channel tensor for nnU-Net's predictor. spacing: mm per axis of x's grid (default: the plan's), one row
         per sample where chunks were zoomed; region (B, 1, *S): the region the sample is about, if any."""
-        wants_head = self.refinement is not None and self.refinement.head is not None
-        out, low, last = self._backbone(x, decoder_features=wants_head)
+        head_inputs = None if self.refinement is None else self.refinement.head_inputs
+        out, low, last = self._backbone(x, decoder_features=head_inputs == "decoder")
         outs = list(out) if isinstance(out, (list, tuple)) else [out]
         dram = outs[0]
-        refined = None
+        refined = head = None
         if self.refinement is not None:
             # the refinement reads the backbone's features and map but trains neither
             feats = x if low is None else torch.cat([x, low.detach().to(x.dtype)], dim=1)
-            head_features = torch.cat([x, last.detach().to(x.dtype)], dim=1) if wants_head else None
-            refined = self.refinement(dram.detach(), feats, x[:, :1], self.spacing_mm if spacing is None else spacing,
-                                      region, head_features=head_features)
+            head_features = {None: None, "image": x, "encoder": feats,
+                             "decoder": None if last is None else torch.cat([x, last.detach().to(x.dtype)], dim=1)
+                             }[head_inputs]
+            refined, head = self.refinement(dram.detach(), feats, x[:, :1],
+                                            self.spacing_mm if spacing is None else spacing, region,
+                                            head_features=head_features, return_head=True)
         if return_all:
-            return {"dram": outs, "refined": refined}
+            return {"dram": outs, "refined": refined, "head": head}
         return _two_channels(refined if refined is not None else dram)
 
 

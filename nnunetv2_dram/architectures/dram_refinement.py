@@ -1,13 +1,17 @@
 """The dRAM's refinement: a map of its own, computed from the detached dRAM.
 
-    refined = CRF( attention( dRAM + head(decoder features, image), features ), image )
+    refined = CRF( attention( dRAM, features ), image ) + head(image)        (DRAMTrainer: no CRF)
 
-(the head and the CRF only where they are switched on; with `combine="replace"` the head's logits replace the dRAM's
-instead of being added to them).
+The head (building_blocks/voxel_head.py) is a small per-voxel classifier; what it reads (`inputs`: the image alone,
+the image and the first-stage features, or the image and the decoder's last features) and where its logits go
+(`combine`: "add_after" the attention as above, "add" to the dRAM's before the attention, or "replace" them) are
+settings. With `own_loss` it is trained by a self-training loss of its own and enters the refined map detached;
+otherwise it is trained through the refined map. DRAMTrainer's head is pointwise on the image, without normalisation
+(a fixed function of a voxel's intensity: an appearance model of the dRAM's lesion voxels), added after the
+attention and trained by its own loss; such a `voxelwise_head` can be evaluated on any grid, and region inference
+adds it on the case's own grid, finer than the zoomed chunks the rest of the refinement sees.
 
-The head (building_blocks/voxel_head.py) is a small per-voxel classifier on the decoder's last features and the
-image: it scores voxels by what they look like, learnt across the training cases. The attention propagates the
-logits between feature-similar neighbours (building_blocks/local_attention.py);
+The attention propagates the dRAM's logits between feature-similar neighbours (building_blocks/local_attention.py);
 the trainable dense CRF (building_blocks/dense_crf.py) smooths the result along the image. Both pass messages only
 inside the region (lobe) the sample is about when a region mask is given, and the CRF's kernels are in millimetres
 of the grid it actually sees (the trainer passes the plan spacing divided by the chunk's zoom).
@@ -36,7 +40,12 @@ from nnunetv2_dram.building_blocks.voxel_head import VoxelClassifierHead
 
 _ATTENTION_CONFIGURABLE = ("kernel_size", "dilations", "iterations", "downsample", "offset_mode")
 _ATTENTION_SHAPING = ("proj_channels", "similarity", "in_channels", "learn_mix")
-HEAD_COMBINE = ("add", "replace")
+#: where the head's logits go: added to the dRAM's before the attention, replacing them, or added to the attention's
+#: output (so that the attention does not average the head's per-voxel scores with their neighbours')
+HEAD_COMBINE = ("add", "replace", "add_after")
+#: what the head reads: the image alone, the image and the backbone's first-stage features (local appearance), or the
+#: image and the decoder's last features (what the dRAM itself is computed from)
+HEAD_INPUTS = ("image", "encoder", "decoder")
 _CRF_CONFIGURABLE = ("iterations", "spatial_sigma_mm", "bilateral_sigma_mm", "intensity_sigma", "window",
                      "bilateral_reach_sigmas", "offset_mode")
 
@@ -52,27 +61,41 @@ class DRAMRefinement(nn.Module):
             raise ValueError(f"downsample must be >= 1, got {downsample}")
         self.dim = dim
         self.downsample = int(downsample)
-        self.attention = LocalAffinityAttention(in_channels=feature_channels, dim=dim, **(attention or {}))
-        self.head = None
-        self.head_combine = None
-        if head is not None:
-            head = dict(head)
-            self.head_combine = head.pop("combine", "add")
-            if self.head_combine not in HEAD_COMBINE:
-                raise ValueError(f"head combine must be one of {HEAD_COMBINE}, got {self.head_combine!r}")
-            if not head_channels:
-                raise ValueError("a refinement head needs head_channels (decoder features + image channels)")
-            # added to the dRAM it starts as the identity; replacing it, it must start from something
-            self.head = VoxelClassifierHead(dim, head_channels, zero_init=self.head_combine == "add", **head)
+        # attention=False: no attention (the refined map is the dRAM plus the head); None: the default attention
+        self.attention = None if attention is False else LocalAffinityAttention(in_channels=feature_channels, dim=dim,
+                                                                                 **(attention or {}))
+        self._set_head(head, head_channels)
         # built only when used: a parameter without a gradient stops DDP
         self.crf = TrainableDenseCRF(dim=dim, **crf) if crf is not None else None
 
+    def _set_head(self, head: dict | None, head_channels: int | None) -> None:
+        self.head = None
+        self.head_combine = self.head_inputs = None
+        self.head_own_loss = False
+        if head is None:
+            return
+        head = dict(head)
+        self.head_combine = head.pop("combine", "add")
+        self.head_inputs = head.pop("inputs", "decoder")
+        self.head_own_loss = bool(head.pop("own_loss", False))
+        if self.head_combine not in HEAD_COMBINE:
+            raise ValueError(f"head combine must be one of {HEAD_COMBINE}, got {self.head_combine!r}")
+        if self.head_inputs not in HEAD_INPUTS:
+            raise ValueError(f"head inputs must be one of {HEAD_INPUTS}, got {self.head_inputs!r}")
+        if not head_channels:
+            raise ValueError("a refinement head needs head_channels (the channels of what it reads)")
+        head.pop("in_channels", None)  # what the network passes as head_channels
+        # added to a map it starts as the identity; replacing the dRAM, it must start from something
+        self.head = VoxelClassifierHead(self.dim, head_channels, zero_init=self.head_combine != "replace", **head)
+
     # ------------------------------------------------------------------------------------------------ settings
     def settings(self) -> dict:
-        head = None if self.head is None else {"combine": self.head_combine, "in_channels": self.head.in_channels,
+        head = None if self.head is None else {"combine": self.head_combine, "inputs": self.head_inputs,
+                                               "own_loss": self.head_own_loss, "in_channels": self.head.in_channels,
                                                "hidden_channels": self.head.hidden_channels, "depth": self.head.depth,
-                                               "kernel_size": self.head.kernel_size}
-        return {"downsample": self.downsample, "attention": self.attention.settings(),
+                                               "kernel_size": self.head.kernel_size, "norm": self.head.norm}
+        return {"downsample": self.downsample,
+                "attention": None if self.attention is None else self.attention.settings(),
                 "crf": None if self.crf is None else self.crf.settings(), "head": head}
 
     def get_extra_state(self) -> dict:
@@ -81,38 +104,68 @@ class DRAMRefinement(nn.Module):
     def set_extra_state(self, state: dict) -> None:
         """Restore the stored settings in place (the parameters are loaded after this, into the same modules)."""
         stored = state["settings"]
+        if stored.get("head") is not None:
+            # models saved before these were selectable: their head read the decoder's features and was trained
+            # through the refined map
+            stored = {**stored, "head": {"inputs": "decoder", "own_loss": False, "norm": True, **stored["head"]}}
         if (stored["crf"] is None) != (self.crf is None):
             raise RuntimeError(f"the checkpoint's refinement {'has' if stored['crf'] else 'has no'} trainable CRF, "
                                f"this network {'has' if self.crf is not None else 'has none'}: load it with the "
                                f"trainer it was trained with")
-        if stored.get("head") is None and self.head is not None:
-            # a model trained without the head (or before there was one) predicts as it was trained: the head is
-            # dropped before the weights are loaded, so its parameters are neither expected nor missing
-            self.head = self.head_combine = None
         if stored.get("head") != self.settings()["head"]:
-            raise RuntimeError(f"the checkpoint's refinement head is {stored.get('head')!r}, this network's "
-                               f"{self.settings()['head']!r}: load it with the trainer it was trained with")
+            # the head the model was trained with (none, or another one, as in models of earlier versions) is
+            # rebuilt before the weights are loaded into it, so the model predicts as it was trained
+            device = next(self.parameters(), torch.empty(0)).device
+            head = stored.get("head")
+            self._set_head(head, None if head is None else head["in_channels"])
+            if self.head is not None:
+                self.head.to(device)
         attention = stored["attention"]
-        for key in _ATTENTION_SHAPING:
-            if attention[key] != self.attention.settings()[key]:
-                raise RuntimeError(f"the checkpoint's attention has {key}={attention[key]!r}, this network "
-                                   f"{self.attention.settings()[key]!r}: load it with the trainer it was trained with")
+        if (attention is None) != (self.attention is None):
+            raise RuntimeError(f"the checkpoint's refinement {'has no' if attention is None else 'has an'} attention, "
+                               f"this network {'has none' if self.attention is None else 'has one'}: load it with "
+                               f"the trainer it was trained with")
         self.downsample = int(stored["downsample"])
-        self.attention.configure(**{k: attention[k] for k in _ATTENTION_CONFIGURABLE})
-        if not self.attention.learn_mix:
-            self.attention.fixed_mix = float(attention["fixed_mix"])
+        if attention is not None:
+            for key in _ATTENTION_SHAPING:
+                if attention[key] != self.attention.settings()[key]:
+                    raise RuntimeError(f"the checkpoint's attention has {key}={attention[key]!r}, this network "
+                                       f"{self.attention.settings()[key]!r}: load it with the trainer it was trained "
+                                       f"with")
+            self.attention.configure(**{k: attention[k] for k in _ATTENTION_CONFIGURABLE})
+            if not self.attention.learn_mix:
+                self.attention.fixed_mix = float(attention["fixed_mix"])
         if self.crf is not None:
             self.crf.configure(**{k: stored["crf"][k] for k in _CRF_CONFIGURABLE})
             self.crf.max_kernel_weight = float(stored["crf"]["max_kernel_weight"])
 
+    @property
+    def voxelwise_head(self) -> bool:
+        """The head is a function of each voxel's intensities alone, added after the attention: it can be evaluated
+        on any grid of the image, and the refined map there is the rest of the refinement (interpolated) plus the
+        head's logits (region_inference does so on the case's own grid)."""
+        return (self.head is not None and self.head_inputs == "image" and self.head.kernel_size == 1
+                and not self.head.norm and self.head_combine == "add_after")
+
+    @torch.no_grad()
+    def voxelwise_head_logits(self, image: torch.Tensor, slab: int = 8) -> torch.Tensor:
+        """The voxelwise head on an image (C, *S) of any size, a few rows of the first axis at a time (the head is
+        pointwise, so any split gives the same logits) -> (*S) logits."""
+        out = torch.empty(image.shape[1:], dtype=torch.float32, device=image.device)
+        for z in range(0, image.shape[1], slab):
+            out[z:z + slab] = self.head(image[None, :, z:z + slab].float())[0, 0].float()
+        return out
+
     def extra_repr(self) -> str:
-        return (f"downsample={self.downsample}, crf={'on' if self.crf is not None else 'off'}, "
-                f"head={self.head_combine or 'off'}")
+        return (f"downsample={self.downsample}, attention={'on' if self.attention is not None else 'off'}, "
+                f"crf={'on' if self.crf is not None else 'off'}, head={self.head_combine or 'off'}"
+                f"{'' if self.head is None else f' on {self.head_inputs}'}")
 
     # ------------------------------------------------------------------------------------------------ forward
     def forward(self, dram_logits: torch.Tensor, features: torch.Tensor, guide: torch.Tensor, spacing,
-                region: torch.Tensor | None = None, head_features: torch.Tensor | None = None) -> torch.Tensor:
-        """Refined logits (B, 1, *S).
+                region: torch.Tensor | None = None, head_features: torch.Tensor | None = None,
+                return_head: bool = False):
+        """Refined logits (B, 1, *S); with return_head, (refined logits, the head's logits or None).
 
         dram_logits (B, 1, *S): the dRAM (detach it first where the refinement must not train it). features
         (B, C, *S): what the attention's affinities are computed from. guide (B, 1, *S): the image for the CRF.
@@ -120,11 +173,18 @@ class DRAMRefinement(nn.Module):
         messages stay on their side of its border, and the CRF sets everything outside it to background.
         head_features (B, head_channels, *S): what the head classifies (needed when there is a head).
         """
+        head_logits = None
         if self.head is not None:
             if head_features is None:
                 raise ValueError("this refinement has a head: pass head_features")
-            scores = self.head(head_features).float()
-            dram_logits = dram_logits.float() + scores if self.head_combine == "add" else scores
+            head_logits = self.head(head_features).float()
+            # a head with a loss of its own enters the refined map as a fixed input: trained through the refined map,
+            # whose target is the dRAM's own threshold, it would learn only what the dRAM does not already say
+            scores = head_logits.detach() if self.head_own_loss else head_logits
+            if self.head_combine == "add":
+                dram_logits = dram_logits.float() + scores
+            elif self.head_combine == "replace":
+                dram_logits = scores
         k = self.downsample
         size = tuple(dram_logits.shape[2:])
         if k > 1:
@@ -134,13 +194,15 @@ class DRAMRefinement(nn.Module):
             dram_logits, features, guide = pool(dram_logits, small), pool(features, small), pool(guide, small)
             region = None if region is None else (pool(region.float(), small) > 0.5).float()
             spacing = _scaled_spacing(spacing, factors)
-        refined = self.attention(dram_logits, features, mask=region)
+        refined = dram_logits if self.attention is None else self.attention(dram_logits, features, mask=region)
         if self.crf is not None:
             refined = self.crf(refined, guide, spacing, region)
         if k > 1:
             mode = "trilinear" if self.dim == 3 else "bilinear"
             refined = F.interpolate(refined, size=size, mode=mode, align_corners=False)
-        return refined
+        if self.head_combine == "add_after":
+            refined = refined.float() + scores
+        return (refined, head_logits) if return_head else refined
 
 
 def _scaled_spacing(spacing, factors: Sequence[float]):

@@ -14,15 +14,18 @@ import torch
 from nnunetv2_dram.building_blocks.region_pooling import region_mean
 from nnunetv2_dram.training.region_chunks import ChunkSpec, RegionSample, extract_chunk, paste_chunk
 
-def lesion_logits(network, x: torch.Tensor, kind: str = "final", spacing=None, region: torch.Tensor | None = None
-                  ) -> torch.Tensor:
+def lesion_logits(network, x: torch.Tensor, kind: str = "final", spacing=None, region: torch.Tensor | None = None,
+                  without_voxelwise_head: bool = False) -> torch.Tensor:
     """Full-resolution single-channel lesion logits of a DenseRegressionNetwork or ClassActivationNetwork; spacing
-    (mm per axis of x's grid, one row per sample) and region (B, 1, *S) go to the refinement, as in training."""
+    (mm per axis of x's grid, one row per sample) and region (B, 1, *S) go to the refinement, as in training.
+    without_voxelwise_head: the refined map less its voxelwise head's logits (the caller adds them on a finer grid)."""
     out = network(x, return_all=True, spacing=spacing, region=region)
     if "cam" in out:
         mode = "trilinear" if x.ndim == 5 else "bilinear"
         return torch.nn.functional.interpolate(out["cam"], size=x.shape[2:], mode=mode, align_corners=False)
     if kind in ("final", "refined") and out.get("refined") is not None:
+        if without_voxelwise_head:
+            return out["refined"] - out["head"]
         return out["refined"]
     if kind == "refined":
         raise ValueError("this network has no refinement modules (trained with DRAMTrainerNoRefine?)")
@@ -39,8 +42,14 @@ class CasePrediction:
 def predict_case_by_regions(network, data, seg, samples: Sequence[RegionSample], spec: ChunkSpec,
                             device: torch.device, kind: str = "final", mirror_axes: Sequence[int] = (),
                             batch_size: int = 2) -> CasePrediction:
-    """data (C, Z, Y, X), seg (1, Z, Y, X) preprocessed arrays of one case; samples: its regions."""
+    """data (C, Z, Y, X), seg (1, Z, Y, X) preprocessed arrays of one case; samples: its regions.
+
+    A refinement whose head is voxelwise (DRAMRefinement.voxelwise_head) gets its head evaluated on the case's grid
+    instead of the chunks': the chunks are zoomed to fit the patch, so a map computed on them is coarser than the
+    case; the head needs only each voxel's intensities and adds them at the case's own resolution."""
     network.eval()
+    refinement = getattr(network, "refinement", None)
+    voxelwise = kind in ("final", "refined") and refinement is not None and refinement.voxelwise_head
     seg_np = np.asarray(seg[:])
     two_d = len(spec.chunk_size) == 2
     grid = seg_np[0, 0] if two_d else seg_np[0]
@@ -55,12 +64,13 @@ def predict_case_by_regions(network, data, seg, samples: Sequence[RegionSample],
         spacing = [spec.chunk_spacing(c[2]) for c in chunks] if spec.spacing is not None else None
         dev_ctx = torch.autocast(device.type, enabled=True) if device.type == "cuda" else _null()
         with dev_ctx:
-            logits = lesion_logits(network, x, kind, spacing, m).float()
+            logits = lesion_logits(network, x, kind, spacing, m, voxelwise).float()
             if mirror_axes:  # test-time mirroring, as nnU-Net's predictor does
                 n = 1
                 for axis in mirror_axes:
                     d = [axis + 2]
-                    logits = logits + lesion_logits(network, x.flip(d), kind, spacing, m.flip(d)).float().flip(d)
+                    logits = logits + lesion_logits(network, x.flip(d), kind, spacing, m.flip(d),
+                                                    voxelwise).float().flip(d)
                     n += 1
                 logits = logits / n
         p = torch.sigmoid(logits)
@@ -68,6 +78,12 @@ def predict_case_by_regions(network, data, seg, samples: Sequence[RegionSample],
         for s, (img, reg, placement, _), pm, frac in zip(batch, chunks, p.cpu(), pooled):
             fractions[s.region] = float(frac)
             paste_chunk(pm, placement, grid == s.region, prob)
+    if voxelwise:
+        image = torch.from_numpy(np.asarray(data[:], dtype=np.float32)).to(device)
+        head = refinement.voxelwise_head_logits(image[:, 0] if two_d else image)
+        base = torch.logit(torch.from_numpy(prob).to(device).clamp(1e-6, 1 - 1e-6))
+        prob = np.where(grid > 0, torch.sigmoid(base + head).cpu().numpy(), 0).astype(np.float32)
+        fractions = {r: float(prob[grid == r].mean()) for r in fractions}
     return CasePrediction(prob, fractions)
 
 

@@ -12,9 +12,10 @@ Three things keep the refinement from merely copying the dRAM's mistakes:
 - soft bootstrapping (Reed et al. 2015): the target is mixed with the refined map's own (detached) prediction,
   target = beta * dRAM label + (1 - beta) * q, so where the refinement is confident and the image supports it, it
   may overrule the dRAM's label;
-- the classifier head does not see the dRAM: it must predict the label from the decoder's features and the image,
-  with one set of weights for every voxel of every case, so it learns what the dRAM's confident voxels look like
-  and scores by that also the voxels (and lesions) the dRAM missed.
+- the classifier head does not see the dRAM: it must predict the label from the image (DRAMTrainer: each voxel's
+  intensity), with one set of weights for every voxel of every case, so it learns what the dRAM's lesion voxels
+  look like and scores by that also the voxels (and lesions) the dRAM missed. It gets this loss on its own logits:
+  through the refined map, whose target is a threshold of the dRAM itself, it would learn next to nothing.
 """
 from __future__ import annotations
 

@@ -18,23 +18,28 @@ CRF_INTENSITY_SIGMA_HU = 60.0
 class DRAMTrainer(WeakRegressionTrainer):
     """Dense regression activation maps: nnU-Net's network with one sigmoid output, averaged inside each region to
     regress the region's lesion fraction (on every deep-supervision scale). A refinement computes a map of its own
-    from the detached dRAM: a per-voxel classifier head on the decoder's last features and the image adds its logits
-    to the dRAM's, and a local-affinity attention over the image and the first-stage features propagates the sum
-    (optionally followed by a trainable dense CRF). The refinement is trained per voxel by class-balanced,
-    bootstrapped self-training against the dRAM thresholded inside the region (losses/self_training.py); nothing of
-    it reaches the dRAM. Pseudo labels come from the refined map."""
+    from the detached dRAM: a local-affinity attention over the image and the first-stage features propagates the
+    dRAM's logits (optionally followed by a trainable dense CRF), and a per-voxel classifier head on the image adds an
+    appearance score to them. Attention and head are each trained per voxel by class-balanced, bootstrapped
+    self-training against the dRAM thresholded inside the region (losses/self_training.py); nothing of it reaches
+    the dRAM. Pseudo labels come from the refined map."""
 
     refine = True
     #: the attention (building_blocks/local_attention.py): 3^dim neighbours, propagated `iterations` times, each
     #: time every voxel replaced by its neighbourhood's weighted mean (a fixed mix of 1: with a learnable mix,
-    #: self-training shrinks the mix towards the identity instead of teaching the affinities where edges are)
+    #: self-training shrinks the mix towards the identity instead of teaching the affinities where edges are); None:
+    #: no attention, the refined map is the dRAM plus the head
     attention_settings: dict = {"kernel_size": 3, "iterations": 2, "init_mix": 1.0, "learn_mix": False}
     #: None: no CRF inside the network while training (the pseudo labels get a dense CRF on the CT either way);
     #: a dict (TrainableDenseCRF's arguments, may be empty) switches the trainable CRF on
     crf_settings: dict | None = None
-    #: the per-voxel classifier head (building_blocks/voxel_head.py; VoxelClassifierHead's arguments plus "combine":
-    #: "add" its logits to the dRAM's, or "replace" them); None: the attention alone refines the dRAM
-    head_settings: dict | None = {"combine": "add"}
+    #: the per-voxel classifier head (building_blocks/voxel_head.py; VoxelClassifierHead's arguments plus "combine",
+    #: "inputs" and "own_loss", see architectures/dram_refinement.py); None: the attention alone refines the dRAM.
+    #: Here: a perceptron on each voxel's intensity, trained by its own self-training loss (through the refined map,
+    #: whose target is the dRAM's own threshold, it would learn only what the dRAM does not already say), added after
+    #: the attention, and evaluated on the case's own grid when pseudo labels are made
+    head_settings: dict | None = {"combine": "add_after", "inputs": "image", "kernel_size": 1, "norm": False,
+                                  "own_loss": True}
     #: 1: the refinement at the dRAM's full resolution, so that it can move an edge by a voxel
     refine_downsample = 1
     self_training_weight = 1.0
@@ -49,13 +54,14 @@ class DRAMTrainer(WeakRegressionTrainer):
         """The refinement the network is built with (None: no refinement). Stored with the checkpoint."""
         if not cls.refine:
             return None
-        attention = dict(cls.attention_settings)
+        attention = False if cls.attention_settings is None else dict(cls.attention_settings)
         crf = None if cls.crf_settings is None else dict(cls.crf_settings)
         if crf is not None and "intensity_sigma" not in crf:
             crf["intensity_sigma"] = crf_intensity_sigma(plans_manager, configuration_manager)
         offset_mode = refine_offset_mode()
         if offset_mode is not None:
-            attention["offset_mode"] = offset_mode
+            if attention is not False:
+                attention["offset_mode"] = offset_mode
             if crf is not None:
                 crf["offset_mode"] = offset_mode
         head = None if cls.head_settings is None else dict(cls.head_settings)
@@ -84,10 +90,13 @@ class DRAMTrainer(WeakRegressionTrainer):
         for w, o in zip(weights[1:], drams[1:]):
             if w > 0:
                 loss = loss + float(w) * self._pooled_loss(o, mask, interval)[0]
-        refined = outputs.get("refined")
-        if refined is not None and self.self_training_weight > 0:
-            loss = loss + self.self_training_weight * self_training_loss(
-                refined, drams[0].detach(), mask, interval, bootstrap=self.self_training_bootstrap)
+        if self.self_training_weight > 0:
+            # the refined map and (where it has a loss of its own) the head, each against the thresholded dRAM
+            own = (self.head_settings or {}).get("own_loss", False)
+            for logits in (outputs.get("refined"), outputs.get("head") if own else None):
+                if logits is not None:
+                    loss = loss + self.self_training_weight * self_training_loss(
+                        logits, drams[0].detach(), mask, interval, bootstrap=self.self_training_bootstrap)
         return loss, pred
 
 

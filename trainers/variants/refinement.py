@@ -1,4 +1,5 @@
 """nnU-Net finds DRAMTrainer's refinement variants here through nnUNet_extTrainer; the logic lives in nnunetv2_dram."""
-from nnunetv2_dram.training.variants.refinement import (DRAMTrainerCoarseRefinement, DRAMTrainerHeadOnly,  # noqa: F401
+from nnunetv2_dram.training.variants.refinement import (DRAMTrainerCoarseRefinement, DRAMTrainerDecoderHead,  # noqa: F401
+                                                        DRAMTrainerHeadOnly,
                                                         DRAMTrainerPointwiseHead, DRAMTrainerWithCRF,
-                                                        DRAMTrainerWithoutHead)
+                                                        DRAMTrainerWithoutAttention, DRAMTrainerWithoutHead)

@@ -58,3 +58,25 @@ class DRAMTrainerPointwiseHead(DRAMTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
+
+
+class DRAMTrainerDecoderHead(DRAMTrainer):
+    """The classifier head of version 0.3.0: a 3^dim convolution on the decoder's last features and the image, with
+    instance norm, added to the dRAM's logits before the attention and trained through the refined map."""
+
+    head_settings = {"combine": "add"}
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+
+
+class DRAMTrainerWithoutAttention(DRAMTrainer):
+    """The refinement without the attention: the refined map is the dRAM plus the classifier head's intensity
+    score. Cheaper: the head is a pointwise perceptron, the attention the refinement's main cost."""
+
+    attention_settings = None
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
