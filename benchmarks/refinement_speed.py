@@ -59,7 +59,7 @@ def refinement_settings(variant: str, offset_mode: str, crf_iterations: int | No
     configuration_manager = SimpleNamespace(normalization_schemes=["ZScoreNormalization"])
     settings = trainer_class(name).refinement_settings(plans_manager, configuration_manager)
     settings = dict(settings, **changes)
-    if settings["attention"] is not False:
+    if settings["attention"] is not None:
         settings["attention"] = dict(settings["attention"], offset_mode=offset_mode)
     if settings["crf"] is not None:
         settings["crf"] = dict(settings["crf"], offset_mode=offset_mode)
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
 
     import torch
     import torch.nn.functional as F
-    from nnunetv2_dram.architectures.dram_refinement import DRAMRefinement, _scaled_spacing
+    from nnunetv2_dram.architectures.dram_refinement import DRAMRefinement, _scaled_spacing, head_channels
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -151,12 +151,10 @@ def main(argv=None) -> int:
                 settings = refinement_settings(variant, mode, crf_iterations)
                 if settings["crf"] is None and crf_iterations != args.crf_iterations[0]:
                     continue  # no CRF: one row for all CRF lengths
-                head = settings.get("head")
-                image_head = head is not None and head.get("inputs", "decoder") == "image"
-                # the head reads the image, or the image and (as stand-in for the decoder's) the features
-                head_channels = None if head is None else (1 if image_head else 1 + args.features)
-                head_features = None if head is None else (image if image_head else feats)
-                net = DRAMRefinement(3, 1 + args.features, **settings, head_channels=head_channels).to(device)
+                # the head reads the image, or the image and (standing in for the decoder's) the features
+                channels = head_channels(settings.get("head"), 1, 1 + args.features)
+                head_features = None if channels is None else (image if channels == 1 else feats)
+                net = DRAMRefinement(3, 1 + args.features, **settings, head_channels=channels).to(device)
                 k = net.downsample
                 # the refinement's own grid, for its parts alone
                 small = tuple(max(1, s // k) for s in shape)

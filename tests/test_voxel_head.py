@@ -210,7 +210,7 @@ def test_a_voxelwise_head_is_evaluated_on_the_case_grid(dim, monkeypatch):
 def test_a_refinement_without_attention_is_the_dram_plus_the_head_and_is_stored_so():
     net = _network(2, DRAMTrainer.head_settings)
     without = DenseRegressionNetwork(_unet(2, True), 2, (1.0, 1.0), image_channels=1, low_level_channels=4,
-                                     refinement={"attention": False, "crf": None, "downsample": 1,
+                                     refinement={"attention": None, "crf": None, "downsample": 1,
                                                  "head": DRAMTrainer.head_settings})
     assert without.refinement.attention is None and without.refinement.settings()["attention"] is None
     with torch.no_grad():
@@ -219,7 +219,7 @@ def test_a_refinement_without_attention_is_the_dram_plus_the_head_and_is_stored_
     out = without(x, return_all=True)
     assert torch.allclose(out["refined"], out["dram"][0] + out["head"], atol=1e-6)
     rebuilt = DenseRegressionNetwork(_unet(2, True), 2, (1.0, 1.0), image_channels=1, low_level_channels=4,
-                                     refinement={"attention": False, "crf": None, "downsample": 1,
+                                     refinement={"attention": None, "crf": None, "downsample": 1,
                                                  "head": DRAMTrainer.head_settings})
     rebuilt.load_state_dict(without.state_dict())
     with torch.no_grad():

@@ -27,7 +27,7 @@ def _split_encoder_decoder(backbone: nn.Module):
 class DenseRegressionNetwork(nn.Module):
     """dRAM: nnU-Net's segmentation network with one output channel (the dRAM logit), optionally followed by a
     refinement (architectures/dram_refinement.py) that computes a refined map of its own from the detached dRAM,
-    the image, the backbone's first-stage features and (for the refinement's head) the decoder's last features,
+    the image, the backbone's first-stage features and (for a head that reads them) the decoder's last features,
     all detached."""
 
     def __init__(self, backbone: nn.Module, dim: int, spacing: Sequence[float], image_channels: int,
@@ -39,14 +39,11 @@ class DenseRegressionNetwork(nn.Module):
         # step would make the CPU wait for the GPU
         self.spacing_mm = tuple(float(s) for s in spacing)
         if refinement is not None:
-            from nnunetv2_dram.architectures.dram_refinement import DRAMRefinement
+            from nnunetv2_dram.architectures.dram_refinement import DRAMRefinement, head_channels
             channels = image_channels + (low_level_channels or 0)
-            head = refinement.get("head")
-            # the decoder's last features: nnU-Net's U-Nets end their decoder with as many features as their first
-            # stage has, so "encoder" and "decoder" inputs have the same channels
-            head_channels = None if head is None else (
-                image_channels if head.get("inputs", "decoder") == "image" else channels)
-            self.refinement = DRAMRefinement(dim, channels, **refinement, head_channels=head_channels)
+            self.refinement = DRAMRefinement(dim, channels, **refinement,
+                                             head_channels=head_channels(refinement.get("head"), image_channels,
+                                                                         channels))
         else:
             self.refinement = None
         self.output_map = "refined" if refinement is not None else "dram"  # what forward(x) gives the predictor

@@ -46,6 +46,9 @@ HEAD_COMBINE = ("add", "replace", "add_after")
 #: what the head reads: the image alone, the image and the backbone's first-stage features (local appearance), or the
 #: image and the decoder's last features (what the dRAM itself is computed from)
 HEAD_INPUTS = ("image", "encoder", "decoder")
+#: what a head setting is when it is not given, also in checkpoints written before the setting existed (their head
+#: read the decoder's features, was trained through the refined map and had instance norm)
+HEAD_DEFAULTS = {"combine": "add", "inputs": "decoder", "own_loss": False, "norm": True}
 _CRF_CONFIGURABLE = ("iterations", "spatial_sigma_mm", "bilateral_sigma_mm", "intensity_sigma", "window",
                      "bilateral_reach_sigmas", "offset_mode")
 
@@ -54,16 +57,16 @@ class DRAMRefinement(nn.Module):
     """Classifier head and attention (each optional, and a trainable CRF) from the dRAM's logits to the refined
     map's logits."""
 
-    def __init__(self, dim: int, feature_channels: int, attention: dict | None = None, crf: dict | None = None,
+    def __init__(self, dim: int, feature_channels: int, attention: dict | None, crf: dict | None = None,
                  downsample: int = 1, head: dict | None = None, head_channels: int | None = None):
         super().__init__()
         if downsample < 1:
             raise ValueError(f"downsample must be >= 1, got {downsample}")
         self.dim = dim
         self.downsample = int(downsample)
-        # attention=False: no attention (the refined map is the dRAM plus the head); None: the default attention
-        self.attention = None if attention is False else LocalAffinityAttention(in_channels=feature_channels, dim=dim,
-                                                                                 **(attention or {}))
+        # None: no attention (the refined map is the dRAM plus the head)
+        self.attention = None if attention is None else LocalAffinityAttention(in_channels=feature_channels, dim=dim,
+                                                                                **attention)
         self._set_head(head, head_channels)
         # built only when used: a parameter without a gradient stops DDP
         self.crf = TrainableDenseCRF(dim=dim, **crf) if crf is not None else None
@@ -74,10 +77,10 @@ class DRAMRefinement(nn.Module):
         self.head_own_loss = False
         if head is None:
             return
-        head = dict(head)
-        self.head_combine = head.pop("combine", "add")
-        self.head_inputs = head.pop("inputs", "decoder")
-        self.head_own_loss = bool(head.pop("own_loss", False))
+        head = {**HEAD_DEFAULTS, **head}
+        self.head_combine = head.pop("combine")
+        self.head_inputs = head.pop("inputs")
+        self.head_own_loss = bool(head.pop("own_loss"))
         if self.head_combine not in HEAD_COMBINE:
             raise ValueError(f"head combine must be one of {HEAD_COMBINE}, got {self.head_combine!r}")
         if self.head_inputs not in HEAD_INPUTS:
@@ -105,9 +108,7 @@ class DRAMRefinement(nn.Module):
         """Restore the stored settings in place (the parameters are loaded after this, into the same modules)."""
         stored = state["settings"]
         if stored.get("head") is not None:
-            # models saved before these were selectable: their head read the decoder's features and was trained
-            # through the refined map
-            stored = {**stored, "head": {"inputs": "decoder", "own_loss": False, "norm": True, **stored["head"]}}
+            stored = {**stored, "head": {**HEAD_DEFAULTS, **stored["head"]}}
         if (stored["crf"] is None) != (self.crf is None):
             raise RuntimeError(f"the checkpoint's refinement {'has' if stored['crf'] else 'has no'} trainable CRF, "
                                f"this network {'has' if self.crf is not None else 'has none'}: load it with the "
@@ -203,6 +204,14 @@ class DRAMRefinement(nn.Module):
         if self.head_combine == "add_after":
             refined = refined.float() + scores
         return (refined, head_logits) if return_head else refined
+
+
+def head_channels(head: dict | None, image_channels: int, feature_channels: int) -> int | None:
+    """Input channels of a head with these settings: the image's, or the image's plus the features' (first-stage or
+    the decoder's last ones: nnU-Net's U-Nets end their decoder with as many features as their first stage has)."""
+    if head is None:
+        return None
+    return image_channels if {**HEAD_DEFAULTS, **head}["inputs"] == "image" else feature_channels
 
 
 def _scaled_spacing(spacing, factors: Sequence[float]):

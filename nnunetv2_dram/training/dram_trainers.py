@@ -54,13 +54,13 @@ class DRAMTrainer(WeakRegressionTrainer):
         """The refinement the network is built with (None: no refinement). Stored with the checkpoint."""
         if not cls.refine:
             return None
-        attention = False if cls.attention_settings is None else dict(cls.attention_settings)
+        attention = None if cls.attention_settings is None else dict(cls.attention_settings)
         crf = None if cls.crf_settings is None else dict(cls.crf_settings)
         if crf is not None and "intensity_sigma" not in crf:
             crf["intensity_sigma"] = crf_intensity_sigma(plans_manager, configuration_manager)
         offset_mode = refine_offset_mode()
         if offset_mode is not None:
-            if attention is not False:
+            if attention is not None:
                 attention["offset_mode"] = offset_mode
             if crf is not None:
                 crf["offset_mode"] = offset_mode
