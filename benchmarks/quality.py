@@ -8,7 +8,10 @@ hidden references. On every column each arm is trained once per training seed:
       referenceTr -> a stock nnU-Net trained on the CRF pseudo labels (the final network) -> its predictions of
       the test cases vs referenceTs
   full: a stock nnU-Net trained on referenceTr (fully supervised, the upper bound)
-  --extra-trainers: more weak trainers, their raw/refined test maps and pseudo labels only
+  --extra-trainers: more weak trainers, their raw/refined test maps and pseudo labels only (with --extra-finals,
+      their final networks too)
+  --ignore-band B: every arm with a final network also makes pseudo labels (dense CRF) whose voxels within B of
+      their region's threshold are nnU-Net's `ignore` label, and trains a second final network on them
 
 Every training goes through `nnUNetv2_train` with NNUNETV2_DRAM_SEED=<training seed>, which seeds network
 initialisation, region sampling and augmentation; on the CPU augmentation runs in the training process
@@ -80,8 +83,12 @@ def pseudo_row(trainer: str, crf: str) -> str:
     return f"{trainer} pseudo labels, CRF {crf}"
 
 
-def final_row(trainer: str) -> str:
-    return f"final nnU-Net on {trainer} pseudo labels"
+def final_row(trainer: str, band: float = 0.0) -> str:
+    return f"final nnU-Net on {trainer} pseudo labels" + (f", ignore band {band:g}" if band > 0 else "")
+
+
+def band_pseudo_row(trainer: str, band: float) -> str:
+    return f"{pseudo_row(trainer, 'dense')}, ignore band {band:g} (ignored voxels not scored)"
 
 
 # (name, kind, first row, second row, metric, goal): per training seed, first - second or first / second
@@ -238,6 +245,15 @@ def pseudo_id(args, trainer: str) -> int:
     return PSEUDO_IDS[trainer] if trainer in PSEUDO_IDS else 808 + 2 * args.extra_trainers.index(trainer)
 
 
+def band_pseudo_id(args, trainer: str) -> int:
+    """Dataset id of the trainer's pseudo labels with --ignore-band (dense CRF) in a training seed's folders."""
+    return 830 + [a for a in arms_of(args) if a != FULL].index(trainer)
+
+
+def has_final(args, arm: str) -> bool:
+    return arm in WEAK_TRAINERS or (args.extra_finals and arm != FULL)
+
+
 def configuration_of(mode: str) -> str:
     return "2d" if mode == "2d" else "3d_fullres"
 
@@ -329,7 +345,7 @@ def forget_arm(args, column, seed: int, arm: str) -> None:
     else:
         o = _opts(weak, 0, arm, args, configuration_of(column[0]))
         doomed = sorted((results / weak).glob(f"{o.trainer_name(arm)}__*"))
-        for i in (pseudo_id(args, arm), pseudo_id(args, arm) + 1):
+        for i in (pseudo_id(args, arm), pseudo_id(args, arm) + 1, band_pseudo_id(args, arm)):
             for n in NNUNET_FOLDERS:
                 doomed += sorted((root / n).glob(f"Dataset{i:03d}_*"))
     doomed += [root / "logs" / arm, rows_file(args, column, seed, arm)]
@@ -460,8 +476,16 @@ def run_arm(args, column, seed: int, arm: str, on_change=lambda: None) -> None:
                     m = evaluate_folders(raw / weak / "referenceTr", raw / pseudo / "labelsTr")["mean"]
                 rows.record(pseudo_row(arm, crf), {"IoU": m["IoU"], "Dice": m["Dice"]})
                 dense = (o, pseudo)
-            if arm in WEAK_TRAINERS:
+            if has_final(args, arm):
                 final_network(dense[0], dense[1], final_row(arm))
+            if has_final(args, arm) and args.ignore_band > 0:
+                o = _opts(weak, band_pseudo_id(args, arm), arm, args, configuration)
+                o.crf, o.ignore_band = "dense", args.ignore_band
+                with rows.stage("pseudo_labels_ignore_band"):
+                    pseudo = P.pseudo_labels(o)
+                    m = evaluate_folders(raw / weak / "referenceTr", raw / pseudo / "labelsTr", ignore_label=2)["mean"]
+                rows.record(band_pseudo_row(arm, args.ignore_band), {"IoU": m["IoU"], "Dice": m["Dice"]})
+                final_network(o, pseudo, final_row(arm, args.ignore_band))
         rows.state["finished"] = True
     except BaseException as e:
         rows.state["error"] = f"{type(e).__name__}: {e}"[:2000]
@@ -487,7 +511,9 @@ def collect_run(args, column, seed: int) -> dict | None:
         found.update(s["rows"])
     order = [r for a in arms if a != FULL for r, _ in map_rows(a)] + \
         [pseudo_row(a, crf) for a in arms if a != FULL for crf in ("none", "dense")] + \
-        [final_row(a) for a in arms if a in WEAK_TRAINERS] + [FULL_ROW]
+        [band_pseudo_row(a, args.ignore_band) for a in arms if args.ignore_band > 0 and has_final(args, a)] + \
+        [final_row(a) for a in arms if has_final(args, a)] + \
+        [final_row(a, args.ignore_band) for a in arms if args.ignore_band > 0 and has_final(args, a)] + [FULL_ROW]
     rows = {r: dict(found[r]) for r in order if r in found}
     full_dice = rows.get(FULL_ROW, {}).get("Dice")
     for k, v in rows.items():
@@ -612,13 +638,19 @@ def parse_args(argv=None):
     ap.add_argument("--seeds", type=int, nargs="+", default=[0],
                     help="training seeds: every arm is trained once per seed on every column, with "
                          "NNUNETV2_DRAM_SEED=<seed> for every training")
-    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS,
+    ap.add_argument("--arms", nargs="*", default=list(ARMS), choices=ARMS,
                     help="what to train: the weak trainers (each with its final network) and/or 'full', the fully "
-                         "supervised nnU-Net (default: all)")
+                         "supervised nnU-Net (default: all; none: only --extra-trainers)")
     ap.add_argument("--extra-trainers", nargs="*", default=[], metavar="TRAINER",
                     help=f"up to {MAX_EXTRA_TRAINERS} more weak trainers (e.g. the refinement variants of "
                          "nnunetv2_dram/training/variants/): their raw/refined test maps and pseudo labels, no final "
                          "network; a resumed call needs them in the same order (their pseudo-label dataset ids)")
+    ap.add_argument("--extra-finals", action="store_true",
+                    help="train a final network on every --extra-trainers' pseudo labels too")
+    ap.add_argument("--ignore-band", type=float, default=0.0,
+                    help="also make pseudo labels whose voxels within this probability of their region's threshold "
+                         "are nnU-Net's ignore label, and train a second final network on them (every arm that has "
+                         "a final network)")
     ap.add_argument("--retrain", nargs="*", default=[], metavar="ARM",
                     help="in a resumed workspace: delete these arms' models, pseudo labels and final networks (of the "
                          "training seeds of this call) first, so only they are trained again (every other row is "

@@ -165,3 +165,28 @@ def test_same_training_seed_repeats_and_another_seed_differs(tmp_path):
     assert retrained.keys() == trained_first.keys()
     assert all(retrained[k] != trained_first[k] for k in retrained)  # trained anew, not found
     assert _same_weights(_weights(again["runs"][0]["folder"]), w0)
+
+
+def test_extra_trainer_final_networks_and_ignore_band(tmp_path):
+    """--arms with no arm, an extra trainer with --extra-finals and --ignore-band: the extra trainer gets pseudo labels
+    with nnU-Net's ignore label (2) near each region's threshold, and a final network on each of its two dense-CRF
+    pseudo-label sets."""
+    result = _quality(tmp_path / "ws", "--arms", "--extra-trainers", "DRAMTrainerWithAttention", "--extra-finals",
+                      "--ignore-band", "0.4")
+    run = result["runs"][0]
+    assert run["complete"], run["errors"]
+    trainer = "DRAMTrainerWithAttention"
+    assert list(run["rows"]) == [f"{trainer} raw map", f"{trainer} refined map",
+                                 quality.pseudo_row(trainer, "none"), quality.pseudo_row(trainer, "dense"),
+                                 quality.band_pseudo_row(trainer, 0.4), quality.final_row(trainer),
+                                 quality.final_row(trainer, 0.4)]
+    assert len(_weights(run["folder"])) == 3  # the weak model and two final networks
+    root = Path(run["folder"]) / "nnUNet_raw"
+    band = json.loads(next(root.glob("Dataset830_*/dataset.json")).read_text())
+    assert band["labels"]["ignore"] == 2 and band["nnunetv2_dram"]["ignore_band"] == 0.4
+    assert "ignore" not in json.loads(next(root.glob("Dataset809_*/dataset.json")).read_text())["labels"]
+    import SimpleITK as sitk
+    import numpy as np
+    labels = np.concatenate([sitk.GetArrayFromImage(sitk.ReadImage(str(f))).ravel()
+                             for f in sorted(root.glob("Dataset830_*/labelsTr/*.nii.gz"))])
+    assert (labels == 2).any()
