@@ -6,9 +6,9 @@
 # GPU call:     bash benchmarks/gpu_session.sh speed     (.whl/ copied along; allow 580 s)
 #               bash benchmarks/gpu_session.sh steps     (allow 300 s)
 #   speed   (~9 min; the iteration table first, then what the deadline leaves time for):
-#                     0. the refinement alone (refinement_speed.py): DRAMTrainer's (full resolution), the coarse
-#                        grid's, with the trainable CRF (full and coarse grid), forward + backward, loop vs stacked
-#                        offset sums
+#                     0. the refinement alone (refinement_speed.py): DRAMTrainer's (the intensity head),
+#                        DRAMTrainerWithAttention's (full resolution), the coarse grid's, with the trainable CRF (full
+#                        and coarse grid), forward + backward, loop vs stacked offset sums
 #                     1. time per iteration of stock nnUNetTrainer, DRAMTrainer, DRAMTrainerNoRefine,
 #                        DRAMTrainerCoarseRefinement, DRAMTrainerWithCRF and CAMTrainer on nnU-Net's full plans
 #                        (96x192x192 CTs), each trained as <Trainer>_3epochs_20its: the nnUNetv2_train loop and the
@@ -25,11 +25,11 @@
 #            default for our trainers: compilation takes minutes before the first step)
 #   steps   (~4 min, DEADLINE_S 240): the train step alone (no nnUNetv2_train loop) on nnU-Net's full plans, 5 CTs
 #            of 96x192x192, as a ratio to stock nnUNetTrainer, for DRAMTrainer, DRAMTrainerNoRefine,
-#            DRAMTrainerWithoutAttention, DRAMTrainerDecoderHead, DRAMTrainerCoarseRefinement, DRAMTrainerWithCRF and
-#            last DRAMTrainer+compiled
+#            DRAMTrainerWithAttention, DRAMTrainerDecoderHead, DRAMTrainerCoarseRefinement, DRAMTrainerWithCRF and
+#            last DRAMTrainerWithAttention+compiled
 #            (NNUNETV2_DRAM_REFINE_OFFSETS=compiled), 12 steps after 3 warm-up ones, then 2 profiled for the GPU's
 #            busy time (torch.profiler); a row the deadline stops is reported as stopped. Then, with what time is
-#            left, the refinement alone (DRAMTrainer's and DRAMTrainerWithCRF's, loop vs stacked).
+#            left, the refinement alone (DRAMTrainerWithAttention's and DRAMTrainerWithCRF's, loop vs stacked).
 #            Results: $OUT/train_steps.json (rows[].step_ratio_to_nnUNetTrainer), the table in $OUT/summary.txt
 #   dry     (here, CPU, ~35 min on 2 busy cores, DEADLINE_S 2400): every step of speed and steps at toy size
 #            (quick plans, 32x64x64 CTs), plus the `small` quality path, to check the script before spending
@@ -156,7 +156,7 @@ refinement_parts() {  # refinement_parts SECONDS_NEEDED FLAGS...: refinement_spe
   tail -n 34 "$OUT/refinement_speed.log" | tee "$OUT/refinement_speed.txt"
 }
 # the train step alone (no nnUNetv2_train loop, no data-loading wait) of every refinement against stock nnU-Net;
-# DRAMTrainer+compiled (NNUNETV2_DRAM_REFINE_OFFSETS=compiled: torch.compile fuses each window multiply with its sum)
+# DRAMTrainerWithAttention+compiled (NNUNETV2_DRAM_REFINE_OFFSETS=compiled: torch.compile fuses each window multiply with its sum)
 # comes last, since its compilation is the longest; a row the deadline stops is reported as such
 train_steps() {  # train_steps STEPS WARMUP PROFILE_STEPS
   step "train steps" 60 || return 0
@@ -165,8 +165,8 @@ train_steps() {  # train_steps STEPS WARMUP PROFILE_STEPS
   nnUNet_n_proc_DA=$da nnUNet_compile=f timeout -k 20 $(( $(left) - 25 )) python3 benchmarks/iteration_speed.py \
     --device $device --plans $plans --shape $shape --cases $cases --mode steps --steps $1 --warmup $2 \
     --profile-steps $3 --workspace "$ws" --json "$OUT/train_steps.json" --trainers nnUNetTrainer DRAMTrainer \
-    DRAMTrainerNoRefine DRAMTrainerWithoutAttention DRAMTrainerDecoderHead DRAMTrainerCoarseRefinement \
-    DRAMTrainerWithCRF DRAMTrainer+compiled \
+    DRAMTrainerNoRefine DRAMTrainerWithAttention DRAMTrainerDecoderHead DRAMTrainerCoarseRefinement \
+    DRAMTrainerWithCRF DRAMTrainerWithAttention+compiled \
     > "$OUT/train_steps.log" 2>&1
   echo "exit $? after $(( $(date +%s) - start )) s" >> "$OUT/train_steps.log"
   tail -n 12 "$OUT/train_steps.log" | tee "$OUT/train_steps.txt"
@@ -174,7 +174,7 @@ train_steps() {  # train_steps STEPS WARMUP PROFILE_STEPS
 
 if [ "$size" = steps ]; then  # the train steps, then the refinement alone with what time is left
   train_steps 12 3 2
-  refinement_parts 45 --variants DRAMTrainer DRAMTrainerWithCRF --offset-modes loop stacked --repeats 3
+  refinement_parts 45 --variants DRAMTrainerWithAttention DRAMTrainerWithCRF --offset-modes loop stacked --repeats 3
   echo "total $(( $(date +%s) - start )) s"
   exit 0
 fi

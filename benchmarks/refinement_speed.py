@@ -5,13 +5,14 @@ batch-shaped input.
 build it (`<Trainer>.refinement_settings`, the same attention and CRF settings), forward only and forward + backward,
 for each refinement the trainers train:
 
-    DRAMTrainer                    attention at the dRAM's full resolution plus the pointwise intensity head, no
-                                   trainable CRF
+    DRAMTrainer                    the pointwise intensity head alone (no attention, no trainable CRF)
+    DRAMTrainerWithAttention       the attention at the dRAM's full resolution plus the intensity head
     DRAMTrainerCoarseRefinement    the same on a 2x coarser grid, its map upsampled
-    DRAMTrainerWithCRF             attention + trainable dense CRF at full resolution
-    DRAMTrainerWithCRF/coarse      attention + trainable CRF on the coarse grid (no trainer of its own)
+    DRAMTrainerWithCRF             trainable dense CRF at full resolution plus the intensity head
+    DRAMTrainerWithCRF/coarse      the same on the coarse grid (no trainer of its own)
 
-For the refinements with a CRF, the attention and the CRF are also timed alone on the refinement's grid. The input is
+For the refinements with a CRF, the attention (where there is one) and the CRF are also timed alone on the
+refinement's grid. The input is
 what the trainer feeds the refinement: the detached dRAM logits, the image plus the first-stage features
 (1 + `--features` channels), the image as the CRF's guide and the region (lobe) mask, at the patch, batch and spacing
 given; the backward reaches the refinement's own parameters only, as in training. Each row is run with every
@@ -39,6 +40,7 @@ from types import SimpleNamespace
 #: row name -> (trainer class name, changes to its refinement settings)
 VARIANTS = {
     "DRAMTrainer": ("DRAMTrainer", {}),
+    "DRAMTrainerWithAttention": ("DRAMTrainerWithAttention", {}),
     "DRAMTrainerCoarseRefinement": ("DRAMTrainerCoarseRefinement", {}),
     "DRAMTrainerWithCRF": ("DRAMTrainerWithCRF", {}),
     "DRAMTrainerWithCRF/coarse": ("DRAMTrainerWithCRF", {"downsample": 2}),
@@ -164,7 +166,10 @@ def main(argv=None) -> int:
                 g_spacing = _scaled_spacing(spacing, [s / m for s, m in zip(shape, small)]) if k > 1 else spacing
 
                 def whole():
-                    return net(dram, feats, image, spacing, region, head_features=head_features)
+                    # what training back-propagates: the refined map and a head's logits where it has its own loss
+                    refined, head = net(dram, feats, image, spacing, region, head_features=head_features,
+                                        return_head=True)
+                    return refined + head if head is not None and net.head_own_loss else refined
 
                 def attention():
                     return net.attention(g_dram, g_feats, mask=g_region)
@@ -174,7 +179,8 @@ def main(argv=None) -> int:
 
                 parts = [("refinement", whole)]
                 if net.crf is not None:  # the attention alone once per offset mode, the CRF per length
-                    parts += [("  attention alone", attention)] if crf_iterations == args.crf_iterations[0] else []
+                    parts += [("  attention alone", attention)] if (crf_iterations == args.crf_iterations[0]
+                                                                     and net.attention is not None) else []
                     parts += [("  CRF alone", crf)]
                 for part, fn in parts:
                     def forward(fn=fn):

@@ -8,7 +8,7 @@ from nnunetv2_dram.training.dram_trainers import DRAMTrainer, DRAMTrainerNoRefin
 
 
 def _bare(cls):
-    trainer = object.__new__(cls)  # compute_loss needs only these attributes, not a dataset
+    trainer = object.__new__(cls)  # compute_loss needs only these attributes (and the network), not a dataset
     trainer.is_ddp = False
     trainer.current_epoch, trainer.num_epochs = 0, 10
     return trainer
@@ -34,7 +34,9 @@ def _step(cls, refine: bool):
     net = _network(refine)
     x, mask, interval = _batch()
     outputs = net(x, return_all=True, region=mask)
-    loss, pred = _bare(cls).compute_loss(outputs, mask, interval)
+    trainer = _bare(cls)
+    trainer.network = net
+    loss, pred = trainer.compute_loss(outputs, mask, interval)
     loss.backward()
     return net, loss.detach(), pred.detach()
 

@@ -1,12 +1,13 @@
 """The refinement learns what it is for: trained for a few steps by self-training on a toy case whose dRAM is a
-blurred copy of the lesion, its map moves towards the image's edges (IoU to the truth rises)."""
+blurred copy of the lesion, its map moves towards the image's edges (IoU to the truth rises) -- DRAMTrainer's (the
+classifier head on the image), and the method's attention, with and without the trainable CRF."""
 import pytest
 import torch
 from scipy import ndimage
 
 from nnunetv2_dram.architectures.dram_refinement import DRAMRefinement
 from nnunetv2_dram.losses.self_training import calibrated_targets, self_training_loss
-from nnunetv2_dram.training.dram_trainers import DRAMTrainer
+from nnunetv2_dram.training.dram_trainers import LOCAL_ATTENTION, DRAMTrainer
 
 
 def _toy(n: int = 64):
@@ -26,23 +27,32 @@ def _iou(a, b) -> float:
     return float((a & b).sum() / (a | b).sum())
 
 
-@pytest.mark.parametrize("crf", [None, {}], ids=["attention", "attention+crf"])
-def test_a_few_self_training_steps_move_a_blurred_dram_towards_the_image_edges(crf):
+@pytest.mark.parametrize("attention, crf, head", [(DRAMTrainer.attention_settings, DRAMTrainer.crf_settings,
+                                                   DRAMTrainer.head_settings),
+                                                  (LOCAL_ATTENTION, None, None), (LOCAL_ATTENTION, {}, None)],
+                         ids=["DRAMTrainer", "attention", "attention+crf"])
+def test_a_few_self_training_steps_move_a_blurred_dram_towards_the_image_edges(attention, crf, head):
     truth, image, dram, region, interval = _toy()
     torch.manual_seed(0)
-    refinement = DRAMRefinement(2, 1, DRAMTrainer.attention_settings, crf=crf)
+    refinement = DRAMRefinement(2, 1, attention, crf=crf, head=head, head_channels=1)
     optimizer = torch.optim.Adam(refinement.parameters(), lr=0.05)
 
     def iou_of(logits) -> float:  # the calibrated selection, as the pseudo labels make it
         return _iou(calibrated_targets(logits.detach(), region, interval)[0, 0], truth)
 
-    untrained = iou_of(refinement(dram, image, image, (1.0, 1.0), region))
+    def refined():
+        return refinement(dram, image, image, (1.0, 1.0), region, head_features=image, return_head=True)
+
+    untrained = iou_of(refined()[0])
     for _ in range(25):
-        loss = self_training_loss(refinement(dram, image, image, (1.0, 1.0), region), dram, region, interval)
+        out, head_logits = refined()
+        loss = self_training_loss(out, dram, region, interval)
+        if refinement.head_own_loss:
+            loss = loss + self_training_loss(head_logits, dram, region, interval)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    trained = iou_of(refinement(dram, image, image, (1.0, 1.0), region))
+    trained = iou_of(refined()[0])
     blurred = iou_of(dram)
     assert blurred < 0.86
     assert trained > untrained + 0.02 and trained > blurred + 0.1, (blurred, untrained, trained)

@@ -150,18 +150,20 @@ def test_trainers_take_the_refinement_offsets_from_the_environment(weak3d, monke
     import json
 
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    from nnunetv2_dram.training.variants.refinement import DRAMTrainerWithCRF
+    from nnunetv2_dram.training.variants.refinement import DRAMTrainerWithAttention, DRAMTrainerWithCRF
     ws, dataset = weak3d
     monkeypatch.delenv("NNUNETV2_DRAM_REFINE_OFFSETS", raising=False)
     pm = PlansManager(json.loads((ws.preprocessed / dataset / "nnUNetPlans_quick.json").read_text()))
     cm = pm.get_configuration("3d_fullres")
 
-    def modes(net):
-        return net.refinement.attention.offset_mode, net.refinement.crf.offset_mode
-    assert modes(DRAMTrainerWithCRF.build_network_architecture(pm, cm, 1, 2, False)) == ("auto", "auto")
+    def modes():
+        attention = DRAMTrainerWithAttention.build_network_architecture(pm, cm, 1, 2, False).refinement.attention
+        crf = DRAMTrainerWithCRF.build_network_architecture(pm, cm, 1, 2, False).refinement.crf
+        return attention.offset_mode, crf.offset_mode
+    assert modes() == ("auto", "auto")
     monkeypatch.setenv("NNUNETV2_DRAM_REFINE_OFFSETS", "compiled")
-    assert modes(DRAMTrainerWithCRF.build_network_architecture(pm, cm, 1, 2, False)) == ("compiled", "compiled")
-    assert "offset_mode" not in DRAMTrainerWithCRF.attention_settings  # class defaults untouched
+    assert modes() == ("compiled", "compiled")
+    assert "offset_mode" not in DRAMTrainerWithAttention.attention_settings  # class defaults untouched
     assert "offset_mode" not in DRAMTrainerWithCRF.crf_settings
     monkeypatch.setenv("NNUNETV2_DRAM_REFINE_OFFSETS", "fused")
     with pytest.raises(SystemExit, match="NNUNETV2_DRAM_REFINE_OFFSETS='fused' must be one of auto, loop"):

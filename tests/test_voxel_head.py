@@ -10,7 +10,7 @@ from nnunetv2_dram.architectures.dram_network import DenseRegressionNetwork
 from nnunetv2_dram.architectures.dram_refinement import DRAMRefinement
 from nnunetv2_dram.inference.region_inference import predict_case_by_regions
 from nnunetv2_dram.losses.self_training import calibrated_targets, self_training_loss
-from nnunetv2_dram.training.dram_trainers import DRAMTrainer
+from nnunetv2_dram.training.dram_trainers import LOCAL_ATTENTION, DRAMTrainer
 from nnunetv2_dram.training.region_chunks import ChunkSpec, build_region_samples, region_bboxes
 
 from test_dram_refinement import _iou
@@ -35,7 +35,7 @@ def _one_lesion_missed(n: int = 64):
 def _self_trained_iou(head: dict | None) -> float:
     truth, image, dram, region, interval = _one_lesion_missed()
     torch.manual_seed(0)
-    refinement = DRAMRefinement(2, 1, DRAMTrainer.attention_settings, head=head, head_channels=1 if head else None)
+    refinement = DRAMRefinement(2, 1, LOCAL_ATTENTION, head=head, head_channels=1 if head else None)
     optimizer = torch.optim.Adam(refinement.parameters(), lr=0.05)
 
     def refined(return_head=False):
@@ -224,5 +224,32 @@ def test_a_refinement_without_attention_is_the_dram_plus_the_head_and_is_stored_
     rebuilt.load_state_dict(without.state_dict())
     with torch.no_grad():
         assert torch.equal(rebuilt(x), without(x))
-    with pytest.raises(RuntimeError, match="attention"):
-        net.load_state_dict(without.state_dict())
+    # a network built with an attention loads it as it was trained: without one
+    net.load_state_dict(without.state_dict())
+    assert net.refinement.attention is None
+    with torch.no_grad():
+        assert torch.equal(net(x), without(x))
+
+
+def test_a_model_trained_with_the_attention_loads_into_todays_dramtrainer_and_predicts_as_it_was_trained():
+    """DRAMTrainer's models of version 0.4.0 have the attention; today's DRAMTrainer builds none: the stored
+    attention is rebuilt (with its stored neighbourhood, iterations and mix) before the weights load."""
+    def network(attention):
+        torch.manual_seed(1)
+        return DenseRegressionNetwork(_unet(2, True), 2, (1.0, 1.0), image_channels=1, low_level_channels=4,
+                                      refinement={"attention": attention, "crf": None, "downsample": 1,
+                                                  "head": DRAMTrainer.head_settings})
+    trained = network({**LOCAL_ATTENTION, "kernel_size": 5})
+    with torch.no_grad():
+        trained.refinement.head.out.weight.normal_()
+        trained.refinement.attention.theta.weight.normal_()
+    today = network(DRAMTrainer.attention_settings)
+    assert today.refinement.attention is None
+    today.load_state_dict(trained.state_dict())
+    assert today.refinement.settings() == trained.refinement.settings()
+    # in the trained network's order, which a continued training's optimiser state follows
+    assert [n for n, _ in today.named_parameters()] == [n for n, _ in trained.named_parameters()]
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(today(x), trained(x))
+        assert not torch.equal(today(x), network(None)(x))

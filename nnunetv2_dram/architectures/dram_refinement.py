@@ -1,15 +1,16 @@
 """The dRAM's refinement: a map of its own, computed from the detached dRAM.
 
-    refined = CRF( attention( dRAM, features ), image ) + head(image)        (DRAMTrainer: no CRF)
+    refined = CRF( attention( dRAM, features ), image ) + head(image)        (DRAMTrainer: dRAM + head(image))
 
 The head (building_blocks/voxel_head.py) is a small per-voxel classifier; what it reads (`inputs`: the image alone,
 the image and the first-stage features, or the image and the decoder's last features) and where its logits go
 (`combine`: "add_after" the attention as above, "add" to the dRAM's before the attention, or "replace" them) are
 settings. With `own_loss` it is trained by a self-training loss of its own and enters the refined map detached;
 otherwise it is trained through the refined map. DRAMTrainer's head is pointwise on the image, without normalisation
-(a fixed function of a voxel's intensity: an appearance model of the dRAM's lesion voxels), added after the
-attention and trained by its own loss; such a `voxelwise_head` can be evaluated on any grid, and region inference
-adds it on the case's own grid, finer than the zoomed chunks the rest of the refinement sees.
+(a fixed function of a voxel's intensity: an appearance model of the dRAM's lesion voxels), added to the dRAM's
+logits (after the attention, where there is one) and trained by its own loss; such a `voxelwise_head` can be
+evaluated on any grid, and region inference adds it on the case's own grid, finer than the zoomed chunks the rest of
+the refinement sees.
 
 The attention propagates the dRAM's logits between feature-similar neighbours (building_blocks/local_attention.py);
 the trainable dense CRF (building_blocks/dense_crf.py) smooths the result along the image. Both pass messages only
@@ -122,17 +123,19 @@ class DRAMRefinement(nn.Module):
             if self.head is not None:
                 self.head.to(device)
         attention = stored["attention"]
-        if (attention is None) != (self.attention is None):
-            raise RuntimeError(f"the checkpoint's refinement {'has no' if attention is None else 'has an'} attention, "
-                               f"this network {'has none' if self.attention is None else 'has one'}: load it with "
-                               f"the trainer it was trained with")
+        if attention is None:
+            self.attention = None
+        elif self.attention is None or any(attention[k] != self.attention.settings()[k] for k in _ATTENTION_SHAPING):
+            # likewise the attention (models of version 0.4.0 and earlier have one, today's DRAMTrainer builds none)
+            device = next(self.parameters(), torch.empty(0)).device
+            self.attention = LocalAffinityAttention(dim=self.dim, **{k: attention[k] for k in _ATTENTION_SHAPING},
+                                                    **{k: attention[k] for k in _ATTENTION_CONFIGURABLE}).to(device)
+        # parameters in the order __init__ registers them, which is the order of a checkpoint's optimiser state
+        for name in ("attention", "head", "crf"):
+            if name in self._modules:
+                self._modules[name] = self._modules.pop(name)
         self.downsample = int(stored["downsample"])
         if attention is not None:
-            for key in _ATTENTION_SHAPING:
-                if attention[key] != self.attention.settings()[key]:
-                    raise RuntimeError(f"the checkpoint's attention has {key}={attention[key]!r}, this network "
-                                       f"{self.attention.settings()[key]!r}: load it with the trainer it was trained "
-                                       f"with")
             self.attention.configure(**{k: attention[k] for k in _ATTENTION_CONFIGURABLE})
             if not self.attention.learn_mix:
                 self.attention.fixed_mix = float(attention["fixed_mix"])

@@ -8,36 +8,41 @@ from nnunetv2_dram.architectures.dram_network import (DenseRegressionNetwork, bu
                                                       features_per_stage)
 from nnunetv2_dram.losses.self_training import self_training_loss
 from nnunetv2_dram.training.budget import refine_offset_mode
-from nnunetv2_dram.training.weak_trainer import WeakRegressionTrainer
+from nnunetv2_dram.training.weak_trainer import WeakRegressionTrainer, unwrap
 
 #: HU of the trainable CRF's intensity kernel on CT: about twice the noise of a clinical CT (20-40 HU), well below
 #: the contrast of ground glass against aerated lung (150-400 HU)
 CRF_INTENSITY_SIGMA_HU = 60.0
+#: the method's local-affinity attention (building_blocks/local_attention.py): 3^dim neighbours, propagated twice, each
+#: time every voxel replaced by its neighbourhood's weighted mean (a fixed mix of 1: with a learnable mix,
+#: self-training shrinks the mix towards the identity instead of teaching the affinities where edges are). Used by
+#: DRAMTrainerWithAttention and the variants of the refinement that are about the attention.
+LOCAL_ATTENTION = {"kernel_size": 3, "iterations": 2, "init_mix": 1.0, "learn_mix": False}
 
 
 class DRAMTrainer(WeakRegressionTrainer):
     """Dense regression activation maps: nnU-Net's network with one sigmoid output, averaged inside each region to
     regress the region's lesion fraction (on every deep-supervision scale). A refinement computes a map of its own
-    from the detached dRAM: a local-affinity attention over the image and the first-stage features propagates the
-    dRAM's logits (optionally followed by a trainable dense CRF), and a per-voxel classifier head on the image adds an
-    appearance score to them. Attention and head are each trained per voxel by class-balanced, bootstrapped
-    self-training against the dRAM thresholded inside the region (losses/self_training.py); nothing of it reaches
-    the dRAM. Pseudo labels come from the refined map."""
+    from the detached dRAM: a per-voxel classifier head on the image adds an appearance score to the dRAM's logits.
+    The head is trained per voxel by class-balanced, bootstrapped self-training against the dRAM thresholded inside
+    the region (losses/self_training.py); nothing of it reaches the dRAM. Pseudo labels come from the refined map.
+    The method's local-affinity attention and a trainable dense CRF are settings (DRAMTrainerWithAttention,
+    DRAMTrainerWithCRF): measured, neither made better pseudo labels, and the attention costs most of a refinement's
+    training time."""
 
     refine = True
-    #: the attention (building_blocks/local_attention.py): 3^dim neighbours, propagated `iterations` times, each
-    #: time every voxel replaced by its neighbourhood's weighted mean (a fixed mix of 1: with a learnable mix,
-    #: self-training shrinks the mix towards the identity instead of teaching the affinities where edges are); None:
-    #: no attention, the refined map is the dRAM plus the head
-    attention_settings: dict = {"kernel_size": 3, "iterations": 2, "init_mix": 1.0, "learn_mix": False}
+    #: None: no attention, the refined map is the dRAM plus the head; a dict (LocalAffinityAttention's arguments, e.g.
+    #: LOCAL_ATTENTION) propagates the dRAM's logits between feature-similar neighbours before the head is added
+    attention_settings: dict | None = None
     #: None: no CRF inside the network while training (the pseudo labels get a dense CRF on the CT either way);
     #: a dict (TrainableDenseCRF's arguments, may be empty) switches the trainable CRF on
     crf_settings: dict | None = None
     #: the per-voxel classifier head (building_blocks/voxel_head.py; VoxelClassifierHead's arguments plus "combine",
-    #: "inputs" and "own_loss", see architectures/dram_refinement.py); None: the attention alone refines the dRAM.
+    #: "inputs" and "own_loss", see architectures/dram_refinement.py); None: no head.
     #: Here: a perceptron on each voxel's intensity, trained by its own self-training loss (through the refined map,
-    #: whose target is the dRAM's own threshold, it would learn only what the dRAM does not already say), added after
-    #: the attention, and evaluated on the case's own grid when pseudo labels are made
+    #: whose target is the dRAM's own threshold, it would learn only what the dRAM does not already say), added to the
+    #: dRAM's logits (after the attention, where there is one), and evaluated on the case's own grid when pseudo labels
+    #: are made
     head_settings: dict | None = {"combine": "add_after", "inputs": "image", "kernel_size": 1, "norm": False,
                                   "own_loss": True}
     #: 1: the refinement at the dRAM's full resolution, so that it can move an edge by a voxel
@@ -91,13 +96,33 @@ class DRAMTrainer(WeakRegressionTrainer):
             if w > 0:
                 loss = loss + float(w) * self._pooled_loss(o, mask, interval)[0]
         if self.self_training_weight > 0:
-            # the refined map and (where it has a loss of its own) the head, each against the thresholded dRAM
-            own = (self.head_settings or {}).get("own_loss", False)
+            # the refined map and (where it has a loss of its own) the head, each against the thresholded dRAM; the
+            # network's own head decides (a continued checkpoint of another version may have another head)
+            own = getattr(getattr(unwrap(self.network), "refinement", None), "head_own_loss", False)
             for logits in (outputs.get("refined"), outputs.get("head") if own else None):
                 if logits is not None:
                     loss = loss + self.self_training_weight * self_training_loss(
                         logits, drams[0].detach(), mask, interval, bootstrap=self.self_training_bootstrap)
         return loss, pred
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        """nnU-Net's, after rebuilding the refinement the checkpoint stores where it differs from the one this
+        trainer built (a training of an earlier version continued with `--c`): the optimiser must hold the
+        checkpoint's parameters before its state is loaded."""
+        if not self.was_initialized:
+            self.initialize()
+        checkpoint = filename_or_checkpoint
+        if isinstance(checkpoint, str):
+            checkpoint = torch.load(checkpoint, map_location=self.device, weights_only=False)
+        weights = checkpoint["network_weights"]
+        stored = weights.get("refinement._extra_state", weights.get("module.refinement._extra_state"))
+        refinement = getattr(unwrap(self.network), "refinement", None)
+        if stored is not None and refinement is not None and stored["settings"] != refinement.settings():
+            refinement.set_extra_state(stored)
+            self.optimizer, self.lr_scheduler = self.configure_optimizers()
+            self._clip_groups = None
+        # nnU-Net's load_checkpoint reads a file name only
+        super().load_checkpoint(filename_or_checkpoint)
 
 
 class DRAMTrainerNoRefine(DRAMTrainer):

@@ -3,12 +3,24 @@ from __future__ import annotations
 
 import torch
 
-from nnunetv2_dram.training.dram_trainers import DRAMTrainer
+from nnunetv2_dram.training.dram_trainers import LOCAL_ATTENTION, DRAMTrainer
+
+
+class DRAMTrainerWithAttention(DRAMTrainer):
+    """The method's local-affinity attention before the head: the dRAM's logits are propagated between
+    feature-similar neighbours (image and first-stage features), trained by the same self-training, and the head's
+    score is added to its output. DRAMTrainer up to version 0.4.0."""
+
+    attention_settings = LOCAL_ATTENTION
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
 
 
 class DRAMTrainerWithCRF(DRAMTrainer):
-    """The trainable dense CRF inside the refinement while training (after the attention, inside the region, at the
-    chunk's zoomed spacing, Potts, bounded weights)."""
+    """The trainable dense CRF inside the refinement while training (on the dRAM's logits before the head is added,
+    inside the region, at the chunk's zoomed spacing, Potts, bounded weights)."""
 
     crf_settings = {}
 
@@ -18,9 +30,10 @@ class DRAMTrainerWithCRF(DRAMTrainer):
 
 
 class DRAMTrainerCoarseRefinement(DRAMTrainer):
-    """The refinement on a 2x coarser grid (1/4 of the voxels in 2-D, 1/8 in 3-D), its map upsampled: cheaper, but
-    it cannot move an edge by less than two voxels."""
+    """DRAMTrainerWithAttention's attention on a 2x coarser grid (1/4 of the voxels in 2-D, 1/8 in 3-D), its map
+    upsampled: cheaper, but it cannot move an edge by less than two voxels."""
 
+    attention_settings = LOCAL_ATTENTION
     refine_downsample = 2
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -31,6 +44,7 @@ class DRAMTrainerCoarseRefinement(DRAMTrainer):
 class DRAMTrainerWithoutHead(DRAMTrainer):
     """The refinement without its per-voxel classifier head: the attention alone propagates the dRAM's logits."""
 
+    attention_settings = LOCAL_ATTENTION
     head_settings = None
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -42,6 +56,7 @@ class DRAMTrainerHeadOnly(DRAMTrainer):
     """The head's logits replace the dRAM's before the attention: the refined map is what the head learnt from the
     thresholded dRAM, without the dRAM itself."""
 
+    attention_settings = LOCAL_ATTENTION
     head_settings = {"combine": "replace"}
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -53,6 +68,7 @@ class DRAMTrainerPointwiseHead(DRAMTrainer):
     """The classifier head with 1^dim instead of 3^dim convolutions: a per-voxel perceptron on the decoder's features
     and the image, cheaper."""
 
+    attention_settings = LOCAL_ATTENTION
     head_settings = {"combine": "add", "kernel_size": 1}
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -64,6 +80,7 @@ class DRAMTrainerDecoderHead(DRAMTrainer):
     """The classifier head of version 0.3.0: a 3^dim convolution on the decoder's last features and the image, with
     instance norm, added to the dRAM's logits before the attention and trained through the refined map."""
 
+    attention_settings = LOCAL_ATTENTION
     head_settings = {"combine": "add"}
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -72,10 +89,8 @@ class DRAMTrainerDecoderHead(DRAMTrainer):
 
 
 class DRAMTrainerWithoutAttention(DRAMTrainer):
-    """The refinement without the attention: the refined map is the dRAM plus the classifier head's intensity
-    score. Cheaper: the head is a pointwise perceptron, the attention the refinement's main cost."""
-
-    attention_settings = None
+    """The same refinement as DRAMTrainer's (the dRAM plus the classifier head's intensity score, no attention), under
+    the name it had in version 0.4.0, so that models trained with it keep loading."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
