@@ -71,3 +71,15 @@ def test_the_loss_never_reaches_the_dram():
     refined = torch.zeros(1, 1, 3, requires_grad=True)
     self_training_loss(refined, dram, torch.ones_like(dram), torch.tensor([[0.2, 0.5]])).backward()
     assert dram.grad is None and refined.grad.abs().sum() > 0
+
+
+def test_targets_computed_once_give_the_same_loss():
+    """DRAMTrainer computes the targets once for the refined map and the head: the same loss to the last bit."""
+    from nnunetv2_dram.losses.self_training import self_training_targets
+    g = torch.Generator().manual_seed(3)
+    dram, refined = torch.randn(2, 1, 6, 8, 8, generator=g), torch.randn(2, 1, 6, 8, 8, generator=g)
+    mask = (torch.rand(2, 1, 6, 8, 8, generator=g) > 0.3).float()
+    interval = torch.tensor([[0.2, 0.3], [0.0, 0.0]])
+    once = self_training_targets(dram, mask, interval)
+    assert torch.equal(self_training_loss(refined, None, None, None, targets=once),
+                       self_training_loss(refined, dram, mask, interval))

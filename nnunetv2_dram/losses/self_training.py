@@ -46,22 +46,33 @@ def calibrated_targets(dram_logits: torch.Tensor, mask: torch.Tensor, interval: 
     return ((flat_p >= cut[:, None]) & (flat_p >= 0)).reshape(p.shape)
 
 
-def self_training_loss(refined_logits: torch.Tensor, dram_logits: torch.Tensor, mask: torch.Tensor,
-                       interval: torch.Tensor, bootstrap: float = 0.8) -> torch.Tensor:
+@torch.no_grad()
+def self_training_targets(dram_logits: torch.Tensor, mask: torch.Tensor,
+                          interval: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(binary target, per-voxel weight) of the self-training loss, from the detached dRAM: `calibrated_targets`, and
+    weights giving lesion and background voxels of the region half of each sample's loss each (with one class
+    absent, every region voxel the same). Depends on the dRAM only, so one computation serves every map trained
+    against it."""
+    inside = (mask > 0.5).float()
+    target = calibrated_targets(dram_logits.detach(), mask, interval).float()
+    pos, neg = target * inside, (1 - target) * inside
+    dims = tuple(range(1, target.ndim))
+    n_pos = pos.sum(dims, keepdim=True)
+    n_neg = neg.sum(dims, keepdim=True)
+    n_inside = inside.sum(dims, keepdim=True)
+    balanced = pos * (0.5 / n_pos.clamp_min(1)) + neg * (0.5 / n_neg.clamp_min(1))
+    uniform = inside / n_inside.clamp_min(1)
+    return target, torch.where((n_pos > 0) & (n_neg > 0), balanced, uniform)
+
+
+def self_training_loss(refined_logits: torch.Tensor, dram_logits: torch.Tensor | None, mask: torch.Tensor | None,
+                       interval: torch.Tensor | None, bootstrap: float = 0.8,
+                       targets: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Class-balanced, bootstrapped cross-entropy of the refined map against `calibrated_targets` of the detached
-    dRAM. refined_logits, dram_logits, mask: (B, 1, *S); interval: (B, 2) lesion fractions. Mean over the batch."""
+    dRAM. refined_logits, dram_logits, mask: (B, 1, *S); interval: (B, 2) lesion fractions. `targets`: what
+    `self_training_targets` returned for them (then dRAM, mask and interval are not read). Mean over the batch."""
+    target, weight = self_training_targets(dram_logits, mask, interval) if targets is None else targets
     with torch.no_grad():
-        inside = (mask > 0.5).float()
-        target = calibrated_targets(dram_logits.detach(), mask, interval).float()
-        pos, neg = target * inside, (1 - target) * inside
-        dims = tuple(range(1, target.ndim))
-        n_pos = pos.sum(dims, keepdim=True)
-        n_neg = neg.sum(dims, keepdim=True)
-        n_inside = inside.sum(dims, keepdim=True)
-        # each class carries half of the sample's loss; with one class absent, every region voxel the same
-        balanced = pos * (0.5 / n_pos.clamp_min(1)) + neg * (0.5 / n_neg.clamp_min(1))
-        uniform = inside / n_inside.clamp_min(1)
-        weight = torch.where((n_pos > 0) & (n_neg > 0), balanced, uniform)
         q = torch.sigmoid(refined_logits.detach().float())
         soft_target = bootstrap * target + (1 - bootstrap) * q
     loss = F.binary_cross_entropy_with_logits(refined_logits.float(), soft_target, reduction="none")

@@ -6,7 +6,7 @@ import torch
 
 from nnunetv2_dram.architectures.dram_network import (DenseRegressionNetwork, build_backbone,
                                                       features_per_stage)
-from nnunetv2_dram.losses.self_training import self_training_loss
+from nnunetv2_dram.losses.self_training import self_training_loss, self_training_targets
 from nnunetv2_dram.training.budget import refine_offset_mode
 from nnunetv2_dram.training.weak_trainer import WeakRegressionTrainer, unwrap
 
@@ -99,10 +99,11 @@ class DRAMTrainer(WeakRegressionTrainer):
             # the refined map and (where it has a loss of its own) the head, each against the thresholded dRAM; the
             # network's own head decides (a continued checkpoint of another version may have another head)
             own = getattr(getattr(unwrap(self.network), "refinement", None), "head_own_loss", False)
-            for logits in (outputs.get("refined"), outputs.get("head") if own else None):
-                if logits is not None:
-                    loss = loss + self.self_training_weight * self_training_loss(
-                        logits, drams[0].detach(), mask, interval, bootstrap=self.self_training_bootstrap)
+            trained = [m for m in (outputs.get("refined"), outputs.get("head") if own else None) if m is not None]
+            targets = self_training_targets(drams[0], mask, interval) if trained else None  # once for both
+            for logits in trained:
+                loss = loss + self.self_training_weight * self_training_loss(
+                    logits, None, None, None, bootstrap=self.self_training_bootstrap, targets=targets)
         return loss, pred
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
