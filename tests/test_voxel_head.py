@@ -12,6 +12,7 @@ from nnunetv2_dram.inference.region_inference import predict_case_by_regions
 from nnunetv2_dram.losses.self_training import calibrated_targets, self_training_loss
 from nnunetv2_dram.training.dram_trainers import LOCAL_ATTENTION, DRAMTrainer
 from nnunetv2_dram.training.region_chunks import ChunkSpec, build_region_samples, region_bboxes
+from nnunetv2_dram.training.variants.refinement import DRAMTrainerHalfDRAMWeight
 
 from test_dram_refinement import _iou
 
@@ -105,7 +106,8 @@ def test_the_head_is_stored_with_the_checkpoint():
     state = trained.state_dict()
     assert trained.refinement.settings()["head"] == {"combine": "replace", "inputs": "decoder", "own_loss": False,
                                                      "in_channels": 5, "hidden_channels": 16, "depth": 1,
-                                                     "kernel_size": 3, "norm": True}
+                                                     "kernel_size": 3, "norm": True,
+                                                         "dram_weight": 1.0}
     x = torch.randn(1, 1, 16, 16)
     # whatever head the loading network was built with (none, another one), the checkpoint's own is rebuilt
     for other in ({"combine": "replace"}, None, {"combine": "add"}, DRAMTrainer.head_settings):
@@ -175,12 +177,14 @@ def _case(dim: int, size: int):
     return data, seg, samples
 
 
+@pytest.mark.parametrize("head", [DRAMTrainer.head_settings, DRAMTrainerHalfDRAMWeight.head_settings],
+                         ids=["DRAMTrainer", "half_dram_weight"])
 @pytest.mark.parametrize("dim", [2, 3])
-def test_a_voxelwise_head_is_evaluated_on_the_case_grid(dim, monkeypatch):
+def test_a_voxelwise_head_is_evaluated_on_the_case_grid(dim, head, monkeypatch):
     """The chunks are zoomed to fit the patch, so a map computed on them is coarser than the case. DRAMTrainer's head
     (pointwise, on the image, no norm, added after the attention) needs only each voxel's intensity: it is added on
     the case's own grid, where it sees every bright voxel; without zoom that is exactly the chunk's refined map."""
-    net = _network(dim, DRAMTrainer.head_settings).eval()
+    net = _network(dim, head).eval()
     assert net.refinement.voxelwise_head
     with torch.no_grad():
         net.refinement.head.out.weight.fill_(1.0)
@@ -253,3 +257,40 @@ def test_a_model_trained_with_the_attention_loads_into_todays_dramtrainer_and_pr
     with torch.no_grad():
         assert torch.equal(today(x), trained(x))
         assert not torch.equal(today(x), network(None)(x))
+
+
+def test_the_dram_weight_scales_the_dram_under_the_head_and_is_stored_with_the_checkpoint():
+    """DRAMTrainerHalfDRAMWeight: refined = 0.5 x dRAM + head. A model trained with one weight predicts with it
+    whatever weight the loading network was built with; a stored head without `dram_weight` (models of version 0.5.0
+    and earlier) has weight 1."""
+    def network(head):
+        torch.manual_seed(1)
+        return DenseRegressionNetwork(_unet(2, True), 2, (1.0, 1.0), image_channels=1, low_level_channels=4,
+                                      refinement={"attention": None, "crf": None, "downsample": 1, "head": head})
+    half = network(DRAMTrainerHalfDRAMWeight.head_settings)
+    with torch.no_grad():
+        half.refinement.head.out.weight.normal_()
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        out = half(x, return_all=True)
+    assert torch.allclose(out["refined"], 0.5 * out["dram"][0] + out["head"], atol=1e-6)
+    full = network(DRAMTrainer.head_settings)
+    assert full.refinement.head_dram_weight == 1.0
+    full.load_state_dict(half.state_dict())
+    assert full.refinement.head_dram_weight == 0.5
+    with torch.no_grad():
+        assert torch.equal(full(x), half(x))
+    state = network(DRAMTrainer.head_settings).state_dict()
+    stored = next(v for k, v in state.items() if k.endswith("_extra_state"))
+    del stored["settings"]["head"]["dram_weight"]  # as written before the setting existed
+    loading = network(DRAMTrainerHalfDRAMWeight.head_settings)
+    loading.load_state_dict(state)
+    assert loading.refinement.head_dram_weight == 1.0
+
+
+@pytest.mark.parametrize("head", [{"combine": "add", "dram_weight": 0.5}, {"combine": "add_after", "dram_weight": 0}])
+def test_a_dram_weight_is_refused_where_it_cannot_apply(head):
+    with pytest.raises(ValueError, match="dram_weight"):
+        DenseRegressionNetwork(_unet(2, True), 2, (1.0, 1.0), image_channels=1, low_level_channels=4,
+                               refinement={"attention": None, "crf": None, "downsample": 1,
+                                           "head": {"inputs": "image", **head}})

@@ -1,6 +1,6 @@
 """The dRAM's refinement: a map of its own, computed from the detached dRAM.
 
-    refined = CRF( attention( dRAM, features ), image ) + head(image)        (DRAMTrainer: dRAM + head(image))
+    refined = w * CRF( attention( dRAM, features ), image ) + head(image)        (DRAMTrainer: dRAM + head(image))
 
 The head (building_blocks/voxel_head.py) is a small per-voxel classifier; what it reads (`inputs`: the image alone,
 the image and the first-stage features, or the image and the decoder's last features) and where its logits go
@@ -11,6 +11,9 @@ otherwise it is trained through the refined map. DRAMTrainer's head is pointwise
 logits (after the attention, where there is one) and trained by its own loss; such a `voxelwise_head` can be
 evaluated on any grid, and region inference adds it on the case's own grid, finer than the zoomed chunks the rest of
 the refinement sees.
+
+The head's `dram_weight` w (1 if not given) scales what a head added after the attention is added to: below 1, the
+head's per-voxel score decides more of the ranking inside a region (DRAMTrainerHalfDRAMWeight).
 
 The attention propagates the dRAM's logits between feature-similar neighbours (building_blocks/local_attention.py);
 the trainable dense CRF (building_blocks/dense_crf.py) smooths the result along the image. Both pass messages only
@@ -49,7 +52,7 @@ HEAD_COMBINE = ("add", "replace", "add_after")
 HEAD_INPUTS = ("image", "encoder", "decoder")
 #: what a head setting is when it is not given, also in checkpoints written before the setting existed (their head
 #: read the decoder's features, was trained through the refined map and had instance norm)
-HEAD_DEFAULTS = {"combine": "add", "inputs": "decoder", "own_loss": False, "norm": True}
+HEAD_DEFAULTS = {"combine": "add", "inputs": "decoder", "own_loss": False, "norm": True, "dram_weight": 1.0}
 _CRF_CONFIGURABLE = ("iterations", "spatial_sigma_mm", "bilateral_sigma_mm", "intensity_sigma", "window",
                      "bilateral_reach_sigmas", "offset_mode")
 
@@ -76,12 +79,17 @@ class DRAMRefinement(nn.Module):
         self.head = None
         self.head_combine = self.head_inputs = None
         self.head_own_loss = False
+        self.head_dram_weight = 1.0
         if head is None:
             return
         head = {**HEAD_DEFAULTS, **head}
         self.head_combine = head.pop("combine")
         self.head_inputs = head.pop("inputs")
         self.head_own_loss = bool(head.pop("own_loss"))
+        self.head_dram_weight = float(head.pop("dram_weight"))
+        if self.head_dram_weight <= 0 or (self.head_dram_weight != 1.0 and self.head_combine != "add_after"):
+            raise ValueError(f"head dram_weight must be > 0, and other than 1 only with combine 'add_after', got "
+                             f"{self.head_dram_weight} with {self.head_combine!r}")
         if self.head_combine not in HEAD_COMBINE:
             raise ValueError(f"head combine must be one of {HEAD_COMBINE}, got {self.head_combine!r}")
         if self.head_inputs not in HEAD_INPUTS:
@@ -97,7 +105,8 @@ class DRAMRefinement(nn.Module):
         head = None if self.head is None else {"combine": self.head_combine, "inputs": self.head_inputs,
                                                "own_loss": self.head_own_loss, "in_channels": self.head.in_channels,
                                                "hidden_channels": self.head.hidden_channels, "depth": self.head.depth,
-                                               "kernel_size": self.head.kernel_size, "norm": self.head.norm}
+                                               "kernel_size": self.head.kernel_size, "norm": self.head.norm,
+                                               "dram_weight": self.head_dram_weight}
         return {"downsample": self.downsample,
                 "attention": None if self.attention is None else self.attention.settings(),
                 "crf": None if self.crf is None else self.crf.settings(), "head": head}
@@ -205,7 +214,10 @@ class DRAMRefinement(nn.Module):
             mode = "trilinear" if self.dim == 3 else "bilinear"
             refined = F.interpolate(refined, size=size, mode=mode, align_corners=False)
         if self.head_combine == "add_after":
-            refined = refined.float() + scores
+            # dram_weight < 1 tempers the dRAM's logits before the head's score is added: the region regression
+            # leaves them far larger in magnitude than a calibrated classifier's, so at full weight they outvote the
+            # head's per-voxel evidence, which is what can place an edge at the case's own resolution
+            refined = self.head_dram_weight * refined.float() + scores
         return (refined, head_logits) if return_head else refined
 
 

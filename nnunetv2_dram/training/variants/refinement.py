@@ -88,6 +88,18 @@ class DRAMTrainerDecoderHead(DRAMTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
 
 
+class DRAMTrainerHalfDRAMWeight(DRAMTrainer):
+    """The head's score added to half the dRAM's logits (`dram_weight` 0.5), so that the head's per-voxel evidence
+    decides more of the ranking inside a region. Trains exactly as DRAMTrainer: the weight enters only the refined
+    map, which trains nothing there."""
+
+    head_settings = {**DRAMTrainer.head_settings, "dram_weight": 0.5}
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+
+
 class DRAMTrainerWithoutAttention(DRAMTrainer):
     """The same refinement as DRAMTrainer's (the dRAM plus the classifier head's intensity score, no attention), under
     the name it had in version 0.4.0, so that models trained with it keep loading."""
