@@ -12,6 +12,8 @@ hidden references. On every column each arm is trained once per training seed:
       their final networks too)
   --ignore-band B: every arm with a final network also makes pseudo labels (dense CRF) whose voxels within B of
       their region's threshold are nnU-Net's `ignore` label, and trains a second final network on them
+  --threshold T: every arm's pseudo labels with this threshold (nnunetv2_dram pseudolabels --threshold; default
+      calibrated), in a workspace of its own
 
 Every training goes through `nnUNetv2_train` with NNUNETV2_DRAM_SEED=<training seed>, which seeds network
 initialisation, region sampling and augmentation; on the CPU augmentation runs in the training process
@@ -277,7 +279,7 @@ def _opts(dataset, new_id, trainer, args, configuration, processes=None):
     iterations = args.iterations_2d if configuration == "2d" else args.iterations
     return PipelineOptions(dataset=dataset, new_id=new_id, configuration=configuration, trainer=trainer,
                            preset=args.preset, epochs=args.epochs, iterations=iterations, device=args.device,
-                           fold="all", num_processes=processes or args.processes)
+                           fold="all", num_processes=processes or args.processes, threshold=args.threshold)
 
 
 def fully_supervised_dataset(dataset: str, new_id: int) -> str:
@@ -647,6 +649,9 @@ def parse_args(argv=None):
                          "network; a resumed call needs them in the same order (their pseudo-label dataset ids)")
     ap.add_argument("--extra-finals", action="store_true",
                     help="train a final network on every --extra-trainers' pseudo labels too")
+    ap.add_argument("--threshold", default="calibrated",
+                    help="pseudo-label threshold of every arm (nnunetv2_dram pseudolabels --threshold); a workspace "
+                         "keeps the pseudo labels it has, so give another threshold a workspace of its own")
     ap.add_argument("--ignore-band", type=float, default=0.0,
                     help="also make pseudo labels whose voxels within this probability of their region's threshold "
                          "are nnU-Net's ignore label, and train a second final network on them (every arm that has "

@@ -41,6 +41,24 @@ def test_ctss_1_means_some_lesion():
     assert threshold_region(p, zero)[0].sum() == 0
 
 
+def test_midpoint_selection_takes_the_middle_of_the_interval_whatever_the_map_says():
+    p = np.linspace(0.99, 0.01, 200)  # half the region above 0.5
+    ctss2, _ = parse_region_value(2, "ctss")  # 5-25 %
+    calibrated, _ = threshold_region(p, ctss2)
+    assert calibrated.sum() == 50 and calibrated[:50].all()  # the map at 0.5 (50 %) clipped to the interval's 25 %
+    middle, _ = threshold_region(p, ctss2, midpoint=True)
+    assert middle.sum() == 30 and middle[:30].all()  # 15 % of 200 voxels, the most probable ones
+    narrow = np.linspace(0.3, 0.01, 200)  # the map at 0.5 says 0 %
+    assert threshold_region(narrow, ctss2)[0].sum() == 10 and threshold_region(narrow, ctss2, midpoint=True)[0].sum() == 30
+    exact, _ = parse_region_value(12.5, "percentage")  # an exact percentage: both rules take its count
+    assert threshold_region(p, exact, midpoint=True)[0].sum() == threshold_region(p, exact)[0].sum() == 25
+    zero, _ = parse_region_value(0, "ctss")
+    assert threshold_region(p, zero, midpoint=True)[0].sum() == 0
+    regions = np.repeat([1, 2], 100)
+    label = pseudo_label(np.concatenate([p[::2], p[::2]]), regions, "midpoint", {1: ctss2, 2: zero})
+    assert label[:100].sum() == 15 and label[100:].sum() == 0
+
+
 def test_a_resampled_map_keeps_its_lobe_edge_values():
     """A sub-pleural lesion at the lobe's border: resampled as it is, its edge is averaged with the zeros outside the
     lobe; extended outwards first, it keeps its value."""

@@ -61,6 +61,24 @@ def test_pseudo_label_dataset_is_a_valid_nnunet_dataset(trained, tmp_path):
     assert _hash_tree(src) == before, "the source dataset must not change"
 
 
+def test_the_midpoint_threshold_is_taken_from_the_command_line(trained):
+    """--threshold midpoint: with exact percentages the middle of each interval is the target itself; a threshold
+    the command does not know is refused before any work, naming the choices."""
+    ws, dataset = trained
+    ws.run("nnunetv2_dram", *_cmd(dataset, 716, "--threshold", "midpoint", "--crf", "none"))
+    out = ws.raw / f"Dataset716_{dataset.split('_', 1)[1]}Pseudo"
+    assert json.loads((out / "dataset.json").read_text())["nnunetv2_dram"]["threshold"] == "midpoint"
+    for case, targets in json.loads((ws.raw / dataset / "weak_labels.json").read_text())["cases"].items():
+        label = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "labelsTr" / f"{case}.nii.gz")))
+        regions = sitk.GetArrayFromImage(sitk.ReadImage(str(ws.raw / dataset / "labelsTr" / f"{case}.nii.gz")))
+        for region, pct in targets.items():
+            m = regions == int(region)
+            assert abs(label[m].mean() * 100 - pct) <= 100 / m.sum() + 0.051
+    refused = ws.run("nnunetv2_dram", *_cmd(dataset, 717, "--threshold", "middle"), check=False)
+    assert refused.returncode != 0 and "midpoint" in refused.stderr + refused.stdout
+    assert not list(ws.raw.glob("Dataset717_*"))
+
+
 def test_existing_dataset_is_not_overwritten(trained, tmp_path):
     ws, dataset = trained
     ws.run("nnunetv2_dram", *_cmd(dataset, 712, "--crf", "none"))

@@ -3,7 +3,8 @@ labels, plan/train a stock nnU-Net on them, predict imagesTs and evaluate where 
 Rerunning the same command resumes where it stopped. At the end it prints the nnUNetv2_predict command for the
 final model."""
 
-from nnunetv2_dram.commands.shared_flags import add_device_flag, add_fold_flag, resolve_device
+from nnunetv2_dram.commands.shared_flags import (add_device_flag, add_fold_flag, add_threshold_flag, check_threshold,
+                                                 resolve_device)
 
 
 def add_arguments(p):
@@ -37,7 +38,7 @@ def add_arguments(p):
                    help="also write the predictions of imagesTs with every voxel outside the labelsTs region map "
                         "set to background (folder <predictions>_in_regions), and evaluate those")
     p.add_argument("--crf", choices=("none", "dense"), default="dense")
-    p.add_argument("--threshold", default="calibrated", help="pseudo-label threshold: calibrated, otsu or a number")
+    add_threshold_flag(p, "pseudo-label threshold: calibrated, midpoint, otsu or a number")
     p.add_argument("--ignore-band", type=float, default=0.0)
     add_device_flag(p, "training, pseudo labels and prediction")
     p.add_argument("-np", type=int, default=2, help="worker processes for preprocessing and exports")
@@ -63,6 +64,7 @@ def run(args) -> int:
     from nnunetv2_dram.pipeline.pipeline import PipelineError, format_summary, run_pipeline
     from nnunetv2_dram.pseudo_labels.generate import PseudoLabelError
     from nnunetv2_dram.weak_labels.checker import resolve_raw_dataset_dir
+    check_threshold(args.threshold)
     args.device = resolve_device(args.device, "nnunetv2_dram pipeline")
     dataset = resolve_raw_dataset_dir(args.d).name
     try:

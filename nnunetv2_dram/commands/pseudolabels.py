@@ -1,7 +1,8 @@
 """Run a trained dRAM/CAM model over the training cases and write DatasetNEW_ID_<Name>Pseudo: a standard
 nnU-Net raw dataset (same images, pseudo lesion labels) for nnUNetv2_plan_and_preprocess / nnUNetv2_train."""
 
-from nnunetv2_dram.commands.shared_flags import add_device_flag, add_fold_flag, resolve_device
+from nnunetv2_dram.commands.shared_flags import (add_device_flag, add_fold_flag, add_threshold_flag, check_threshold,
+                                                 resolve_device)
 
 
 def add_arguments(p):
@@ -15,8 +16,8 @@ def add_arguments(p):
     p.add_argument("--crf", choices=("none", "dense"), default="dense", help="dense CRF refinement on the CT")
     p.add_argument("--crf-backend", choices=("auto", "pydensecrf", "torch"), default="auto",
                    help="auto: torch CRF on a GPU, else pydensecrf if installed, else torch on the CPU")
-    p.add_argument("--threshold", default="calibrated",
-                   help="'calibrated' (match each region's weak label; default), 'otsu', or a number")
+    add_threshold_flag(p, "'calibrated' (match each region's weak label; default), 'midpoint' (the middle of each "
+                          "region's target interval sets its lesion volume), 'otsu', or a number")
     p.add_argument("--ignore-band", type=float, default=0.0,
                    help="mark voxels within this probability of their region's threshold as 'ignore' (label 2)")
     p.add_argument("--map", dest="map_kind", choices=("final", "dram", "refined"), default="final",
@@ -36,11 +37,7 @@ def run(args) -> int:
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
     from nnunetv2_dram.pseudo_labels.generate import PseudoLabelError, PseudoLabelSettings, make_pseudo_labels
     device = resolve_device(args.device, "nnunetv2_dram pseudolabels")
-    if args.threshold not in ("calibrated", "otsu"):
-        try:
-            float(args.threshold)
-        except ValueError:
-            raise UserError(f"--threshold {args.threshold!r}: use calibrated, otsu or a number")
+    check_threshold(args.threshold)
     try:
         dataset = maybe_convert_to_dataset_name(args.d)
     except (RuntimeError, ValueError) as e:

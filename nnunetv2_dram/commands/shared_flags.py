@@ -1,5 +1,6 @@
 """Flags that several commands share, defined once so that each has one default everywhere:
-`-f` (fold, default `all`) and `-device` (default `auto`: the GPU when torch sees one, else the CPU)."""
+`-f` (fold, default `all`), `-device` (default `auto`: the GPU when torch sees one, else the CPU) and the
+pseudo-label `--threshold` (default `calibrated`)."""
 from __future__ import annotations
 
 import sys
@@ -43,3 +44,22 @@ def resolve_device(requested: str, command: str = "nnunetv2_dram") -> str:
     if requested == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise UserError("-device mps but torch sees no MPS device; use -device cpu (or leave -device out)")
     return requested
+
+
+THRESHOLD_RULES = ("calibrated", "midpoint", "otsu")
+
+
+def add_threshold_flag(parser, help_text: str) -> None:
+    parser.add_argument("--threshold", default="calibrated", help=help_text)
+
+
+def check_threshold(value: str) -> str:
+    """A pseudo-label threshold: one of THRESHOLD_RULES or a number; anything else is a UserError before any work."""
+    from nnunetv2_dram.cli import UserError
+    if value in THRESHOLD_RULES:
+        return value
+    try:
+        float(value)
+    except ValueError:
+        raise UserError(f"--threshold {value!r}: use {', '.join(THRESHOLD_RULES)} or a number")
+    return value

@@ -45,7 +45,7 @@ class PseudoLabelSettings:
     checkpoint: str = "checkpoint_final.pth"
     crf: str = "dense"  # or "none"
     crf_backend: str = "auto"  # auto | pydensecrf | torch
-    threshold: str = "calibrated"  # calibrated | otsu | a number
+    threshold: str = "calibrated"  # calibrated | midpoint | otsu | a number
     ignore_band: float = 0.0
     map_kind: str = "final"  # final | dram | refined
     crf_params: dict = field(default_factory=dict)
