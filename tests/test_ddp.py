@@ -56,7 +56,21 @@ def _rank_main(rank: int, world_size: int, port: int, env: dict, dataset: str, o
         # no rank may tear down its gloo connections while the other still reads from them
         dist.barrier()
     finally:
+        _tear_down_in_order(dist, rank, world_size, out_dir)
+
+
+def _tear_down_in_order(dist, rank: int, world_size: int, out_dir: str, timeout_s: float = 60.0) -> None:
+    """Rank 0 hosts the TCP store: it tears down last, after every other rank has (a rank whose store vanished while
+    it was still tearing down aborted, "terminate called without an active exception")."""
+    import time
+    if rank != 0:
         dist.destroy_process_group()
+        Path(out_dir, f"down{rank}").touch()
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not all(Path(out_dir, f"down{r}").exists() for r in range(1, world_size)):
+        time.sleep(0.05)
+    dist.destroy_process_group()
 
 
 def _run_ranks(ws, dataset, tmp_path, **env) -> list[dict]:
