@@ -687,6 +687,12 @@ def parse_args(argv=None):
     unknown = set(args.retrain) - set(arms_of(args))
     if unknown:
         ap.error(f"--retrain {' '.join(sorted(unknown))}: not an arm of this run")
+    from nnunetv2_dram.cli import UserError
+    from nnunetv2_dram.commands.shared_flags import check_threshold
+    try:
+        check_threshold(args.threshold)  # refused here, not at the first pseudo-label step after the weak trainings
+    except UserError as e:
+        ap.error(str(e))
     return args
 
 

@@ -93,6 +93,14 @@ def test_retrain_refuses_an_arm_outside_the_run():
         quality.parse_args(["--arms", "DRAMTrainer", "--retrain", "CAMTrainer"])
 
 
+def test_unknown_threshold_is_refused_before_any_work(capsys):
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--threshold", "medium"])
+    assert "calibrated, midpoint, otsu or a number" in capsys.readouterr().err
+    assert quality.parse_args(["--threshold", "midpoint"]).threshold == "midpoint"
+    assert quality.parse_args(["--threshold", "0.4"]).threshold == "0.4"
+
+
 def _quality(workspace: Path, *flags) -> dict:
     """One real quality.py call at toy size on the CPU; returns its JSON."""
     env = dict(os.environ)

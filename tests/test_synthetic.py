@@ -187,6 +187,25 @@ def test_2d_mode(tmp_path):
     assert all(set(t) == {"1", "2"} for t in weak.values())
 
 
+def test_2d_slice_ignores_z_and_looks_like_a_slice_of_a_chest():
+    """A 2-D case is a slice of a scan with the default volume's proportions, whatever z the shape gives: a z of 1
+    used to squeeze the whole chest into the slice, so that every vessel tree lay in it (aerated lung then had a
+    median of about -640 HU and a 75th percentile of about -330 HU)."""
+    one, many, two = (generate_case(7, shape=s, mode="2d") for s in ((1, 64, 64), (48, 64, 64), (64, 64)))
+    for other in (many, two):
+        assert np.array_equal(one.image, other.image) and np.array_equal(one.lesion, other.lesion)
+        assert one.origin == other.origin
+    assert one.image.shape == (1, 64, 64)
+    parenchyma = []
+    for seed in range(6):
+        case = generate_case(seed, shape=(1, 96, 96), mode="2d")
+        parenchyma.append(case.image[(case.regions > 0) & (case.lesion == 0)])
+    parenchyma = np.concatenate(parenchyma)
+    assert -950 < np.median(parenchyma) < -750
+    assert np.percentile(parenchyma, 75) < -650
+    assert np.percentile(parenchyma, 99.5) > -400  # vessels are still there
+
+
 def test_parallel_generation_gives_the_same_arrays(tmp_path):
     serial = write_weak_dataset(tmp_path / "a", 504, n_train=2, n_test=1, seed=4, shape=TINY)
     parallel = write_weak_dataset(tmp_path / "b", 504, n_train=2, n_test=1, seed=4, shape=TINY, num_processes=2)

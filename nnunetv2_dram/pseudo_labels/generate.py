@@ -236,13 +236,8 @@ def refine_and_threshold(prob: np.ndarray, image: np.ndarray, regions: np.ndarra
             refined = prob.copy()
             refined[box] = r.reshape(refined[box].shape)
             refined = np.where(regions > 0, refined, 0).astype(np.float32)
-    threshold = settings.threshold
-    try:
-        threshold = float(threshold)
-    except ValueError:
-        pass
     # ties (the CRF saturates many voxels at the same value) are broken by the map before the CRF
-    label = pseudo_label(refined, regions, threshold, targets, settings.ignore_band, tie_break=prob)
+    label = pseudo_label(refined, regions, settings.threshold, targets, settings.ignore_band, tie_break=prob)
     return refined, label
 
 

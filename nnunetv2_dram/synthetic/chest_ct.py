@@ -28,6 +28,9 @@ LOBE_LABELS = {"background": 0, "left_upper_lobe": 1, "left_lower_lobe": 2, "rig
 LUNG_LABELS_2D = {"background": 0, "left_lung": 1, "right_lung": 2}
 MODES = ("3d", "2d")
 
+# 2-D cases are slices of a 3-D scan with the default volume's proportions (64 x 160 x 160 voxels)
+SCAN_SLICES_PER_ROW = 64 / 160
+
 LEFT_LOBES = (1, 2)
 RIGHT_LOBES = (3, 4, 5)
 # A "missing" lobe is fused with a neighbour of the same lung (an incomplete fissure the lobe segmenter could not
@@ -700,12 +703,19 @@ def region_percentages(regions: np.ndarray, lesion: np.ndarray) -> dict[int, flo
     return {int(k): float(100.0 * hits[k] / counts[k]) for k in np.nonzero(counts)[0] if k > 0}
 
 
+def scan_slices_for_2d(ny: int, nx: int) -> int:
+    """Slices of the virtual 3-D scan a 2-D case is cut from: the default volume's 64 slices per 160 rows."""
+    return max(4, round(SCAN_SLICES_PER_ROW * min(ny, nx)))
+
+
 def generate_case(seed: int, shape=(64, 160, 160), mode: str = "3d", spacing=None,
                   fused_lobe_probability: float = 0.12, fused_lobe: int | None = None) -> SyntheticCase:
     """Draw and render one synthetic chest CT.
 
-    shape: (z, y, x) of the 3-D scan. In "2d" mode one axial slice of such a scan is rendered: the result has
-    shape (1, y, x) (a 2-tuple shape (y, x) is accepted too) and regions left lung = 1, right lung = 2.
+    shape: (z, y, x) of the 3-D scan. In "2d" mode one axial slice of y x x voxels is rendered, with regions left
+    lung = 1, right lung = 2 and result shape (1, y, x); z is ignored there (a 2-tuple (y, x) is accepted too): the
+    slice is cut from a scan of `scan_slices_for_2d(y, x)` slices, the proportions of the default 64 x 160 x 160
+    volume, so that anatomy, vessels and lesions have the same 3-D shape whatever z was given.
     spacing: (z, y, x) mm, drawn per case when None (z 2.0-3.0 mm, in-plane 1.2-1.8 mm).
     fused_lobe: force a lobe (1..5) to be fused into its neighbour; otherwise that happens with
     `fused_lobe_probability` (its label is then absent from the region map).
@@ -714,9 +724,12 @@ def generate_case(seed: int, shape=(64, 160, 160), mode: str = "3d", spacing=Non
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     shape = tuple(int(s) for s in shape)
     if mode == "2d" and len(shape) == 2:
-        shape = (64,) + shape
+        shape = (1,) + shape
     if len(shape) != 3 or min(shape) < 1 or min(shape[1:]) < 16:
         raise ValueError(f"shape must be (z, y, x) with y, x >= 16, got {shape}")
+    if mode == "2d":
+        # a scan one slice long would squeeze the whole chest, its vessel trees and lesions into that slice
+        shape = (scan_slices_for_2d(*shape[1:]),) + shape[1:]
     if mode == "3d" and shape[0] < 4:
         raise ValueError(f"a 3-D case needs at least 4 slices, got shape {shape}")
     if fused_lobe is not None and fused_lobe not in FUSED_INTO:
