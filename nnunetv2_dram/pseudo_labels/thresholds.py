@@ -44,14 +44,18 @@ def threshold_region(p: np.ndarray, target: RegionTarget | None, default: float 
     n = p.size
     if n == 0:
         return np.zeros(0, dtype=bool), default
-    sel = p > default
     if target is None:
-        return sel, default
+        return p > default, default
     low, high = target.fraction_interval
-    frac = 0.5 * (low + high) if midpoint else sel.mean()
-    if low <= frac <= high and not midpoint:
-        return sel, default
-    k = int(round(min(max(frac, low), high) * n))
+    if midpoint:
+        share = 0.5 * (low + high)
+    else:
+        sel = p > default
+        share = float(sel.mean())
+        if low <= share <= high:
+            return sel, default
+        share = min(max(share, low), high)
+    k = int(round(share * n))
     sel = _top_k(p, k, tie_break)
     if k == 0:
         return sel, 1.0
