@@ -13,7 +13,9 @@ hidden references. On every column each arm is trained once per training seed:
   --ignore-band B: every arm with a final network also makes pseudo labels (dense CRF) whose voxels within B of
       their region's threshold are nnU-Net's `ignore` label, and trains a second final network on them
   --threshold T: every arm's pseudo labels with this threshold (nnunetv2_dram pseudolabels --threshold; default
-      calibrated), in a workspace of its own
+      midpoint, as there), in a workspace of its own
+  --final-iterations-factor F: the final networks and the fully supervised one train F x the weak models'
+      iterations per epoch; a resumed workspace keeps its weak models and pseudo labels and trains only these
 
 Every training goes through `nnUNetv2_train` with NNUNETV2_DRAM_SEED=<training seed>, which seeds network
 initialisation, region sampling and augmentation; on the CPU augmentation runs in the training process
@@ -45,6 +47,7 @@ in a process of its own after the shared data are ready (one GPU, all arms at on
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -219,8 +222,14 @@ def seed_root(args, column, seed: int) -> Path:
     return column_root(args, column) / f"seed{seed}"
 
 
+def final_tag(args) -> str:
+    """'' at the weak models' training length; '.final_x<F>' when the final networks train F times as many
+    iterations per epoch (--final-iterations-factor): their rows and predictions are then kept apart."""
+    return "" if args.final_iterations_factor == 1 else f".final_x{args.final_iterations_factor}"
+
+
 def rows_file(args, column, seed: int, arm: str) -> Path:
-    return seed_root(args, column, seed) / "rows" / f"{arm}.json"
+    return seed_root(args, column, seed) / "rows" / f"{arm}{final_tag(args)}.json"
 
 
 def use_folders(root: Path) -> None:
@@ -446,13 +455,13 @@ def run_arm(args, column, seed: int, arm: str, on_change=lambda: None) -> None:
     rows = ArmRows(rows_file(args, column, seed, arm), arm, on_change)
 
     def final_network(o, dataset: str, row: str) -> None:
-        o.log_dir = str(log_dir)
+        o = dataclasses.replace(o, iterations=o.iterations * args.final_iterations_factor, log_dir=str(log_dir))
         with rows.stage("final_preprocessing"):
             P.plan_and_preprocess(o, dataset)
         with rows.stage("final_training"):
             P.train(o, dataset, o.final_trainer)
         with rows.stage("prediction"):
-            o.predictions = str(results / dataset / "quality_predictions")
+            o.predictions = str(results / dataset / f"quality_predictions{final_tag(args)}")
             pred = P.predict(o, dataset)
             m = evaluate_folders(raw / weak / "referenceTs", pred)["mean"]
         rows.record(row, {"IoU": m["IoU"], "Dice": m["Dice"]})
@@ -649,7 +658,11 @@ def parse_args(argv=None):
                          "network; a resumed call needs them in the same order (their pseudo-label dataset ids)")
     ap.add_argument("--extra-finals", action="store_true",
                     help="train a final network on every --extra-trainers' pseudo labels too")
-    ap.add_argument("--threshold", default="calibrated",
+    ap.add_argument("--final-iterations-factor", type=int, default=1, metavar="F",
+                    help="the final networks and the fully supervised one train F times as many iterations per "
+                         "epoch as the weak models; in a resumed workspace the weak models and pseudo labels are "
+                         "kept, and these rows are kept apart from those of other factors")
+    ap.add_argument("--threshold", default="midpoint",
                     help="pseudo-label threshold of every arm (nnunetv2_dram pseudolabels --threshold); a workspace "
                          "keeps the pseudo labels it has, so give another threshold a workspace of its own")
     ap.add_argument("--ignore-band", type=float, default=0.0,
@@ -678,6 +691,8 @@ def parse_args(argv=None):
     ap.add_argument("--chain", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.iterations_2d = args.iterations_2d or 4 * args.iterations
+    if args.final_iterations_factor < 1:
+        ap.error(f"--final-iterations-factor {args.final_iterations_factor}: a whole number of at least 1")
     for flag, values in (("--seeds", args.seeds), ("--data-seeds", args.data_seeds), ("--arms", args.arms)):
         if len(set(values)) < len(values):
             ap.error(f"{flag} {' '.join(map(str, values))}: each value once")

@@ -70,11 +70,11 @@ def test_pipeline_without_device_says_it_runs_on_the_cpu(nnunet_env):
     assert "999" in rest[-1] and "Traceback" not in proc.stderr
 
 
-def test_every_command_with_a_threshold_defaults_to_calibrated_and_refuses_an_unknown_one(nnunet_env):
+def test_every_command_with_a_threshold_defaults_to_midpoint_and_refuses_an_unknown_one(nnunet_env):
     with_threshold = [c for c in COMMANDS if any(a.dest == "threshold" for a in _subparser(c)._actions)]
     assert set(with_threshold) == {"pipeline", "pseudolabels"}
     for command in with_threshold:
-        assert _defaults(command).threshold == "calibrated", command
+        assert _defaults(command).threshold == "midpoint", command
         # refused before anything else (the dataset does not even exist)
         proc = subprocess.run([str(Path(sys.executable).parent / "nnunetv2_dram"), command, "-d", "999", "-o", "998",
                                "--threshold", "middle", "-device", "cpu"], capture_output=True, text=True)

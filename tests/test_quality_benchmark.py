@@ -198,3 +198,31 @@ def test_extra_trainer_final_networks_and_ignore_band(tmp_path):
     labels = np.concatenate([sitk.GetArrayFromImage(sitk.ReadImage(str(f))).ravel()
                              for f in sorted(root.glob("Dataset830_*/labelsTr/*.nii.gz"))])
     assert (labels == 2).any()
+
+
+def test_final_iterations_factor_keeps_the_weak_models_and_its_rows_apart(tmp_path):
+    """A second call on a finished workspace with --final-iterations-factor 2: the weak model and the first final
+    network are kept (not trained again), one final network of twice the iterations per epoch is trained, and its
+    rows go to a rows file of their own, so the first call's table is unchanged."""
+    workspace = tmp_path / "ws"
+    first = _quality(workspace)
+    folder = first["runs"][0]["folder"]
+    trained_first = _checkpoint_times(folder)
+    assert len(trained_first) == 2
+    second = _quality(workspace, "--final-iterations-factor", "2")
+    assert second["args"]["final_iterations_factor"] == 2
+    trained = _checkpoint_times(folder)
+    assert {k: trained[k] for k in trained_first} == trained_first
+    new = sorted(set(trained) - set(trained_first))
+    assert len(new) == 1 and "/nnUNetTrainer_1epochs_4its__" in new[0], new
+    rows = Path(folder) / "rows"
+    assert sorted(p.name for p in rows.iterdir()) == ["DRAMTrainer.final_x2.json", "DRAMTrainer.json"]
+    first_rows, second_rows = _rounded(first["runs"][0]), _rounded(second["runs"][0])
+    final = quality.final_row("DRAMTrainer")
+    assert set(first_rows) == set(second_rows)
+    assert {k: v for k, v in first_rows.items() if k != final} == {k: v for k, v in second_rows.items() if k != final}
+    again = quality.collect_run(quality.parse_args(["--arms", "DRAMTrainer", "--workspace", str(workspace)]),
+                                ("3d", "percentage", 0), 0)
+    assert _rounded(again) == first_rows
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--final-iterations-factor", "0"])

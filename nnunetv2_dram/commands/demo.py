@@ -72,7 +72,7 @@ def run(args) -> int:
 def _pipeline_args(args, trainer, new_id):
     import argparse
     return argparse.Namespace(o=new_id, c="3d_fullres", tr=trainer, f="all", preset="quick", epochs=args.epochs,
-                              iterations=args.iterations, predictions=None, crf="dense", threshold="calibrated",
+                              iterations=args.iterations, predictions=None, crf="dense", threshold="midpoint",
                               ignore_band=0.0, device=args.device, np=args.np, plans_identifier=None, planner=None,
                               restrict_to_regions=False)
 

@@ -16,8 +16,9 @@ def add_arguments(p):
     p.add_argument("--crf", choices=("none", "dense"), default="dense", help="dense CRF refinement on the CT")
     p.add_argument("--crf-backend", choices=("auto", "pydensecrf", "torch"), default="auto",
                    help="auto: torch CRF on a GPU, else pydensecrf if installed, else torch on the CPU")
-    add_threshold_flag(p, "'calibrated' (match each region's weak label; default), 'midpoint' (the middle of each "
-                          "region's target interval sets its lesion volume), 'otsu', or a number")
+    add_threshold_flag(p, "'midpoint' (the middle of each region's target interval sets its lesion volume; default), "
+                          "'calibrated' (the map at 0.5 where it fits the interval, else its nearest bound), 'otsu', "
+                          "or a number")
     p.add_argument("--ignore-band", type=float, default=0.0,
                    help="mark voxels within this probability of their region's threshold as 'ignore' (label 2)")
     p.add_argument("--map", dest="map_kind", choices=("final", "dram", "refined"), default="final",

@@ -1,6 +1,6 @@
 """Flags that several commands share, defined once so that each has one default everywhere:
 `-f` (fold, default `all`), `-device` (default `auto`: the GPU when torch sees one, else the CPU) and the
-pseudo-label `--threshold` (default `calibrated`)."""
+pseudo-label `--threshold` (default `midpoint`)."""
 from __future__ import annotations
 
 import sys
@@ -50,7 +50,7 @@ THRESHOLD_RULES = ("calibrated", "midpoint", "otsu")
 
 
 def add_threshold_flag(parser, help_text: str) -> None:
-    parser.add_argument("--threshold", default="calibrated", help=help_text)
+    parser.add_argument("--threshold", default="midpoint", help=help_text)
 
 
 def check_threshold(value: str) -> str:

@@ -45,7 +45,7 @@ class PipelineOptions:
     fold: str = "all"
     num_processes: int = 2
     crf: str = "dense"
-    threshold: str = "calibrated"
+    threshold: str = "midpoint"
     ignore_band: float = 0.0
     plans_identifier: str | None = None  # -p; None: the planner's own (quick: its compact copy)
     planner: str | None = None  # -pl, an nnU-Net experiment planner class; None: nnU-Net's default

@@ -3,7 +3,8 @@
 Per training case: the model runs region by region as it was trained (on nnU-Net's preprocessed data of that
 case, or the raw files through nnU-Net's own preprocessor when those are gone), the region maps are pasted into
 the case grid, nnU-Net's export puts them back into the original image geometry, a dense CRF on the CT
-sharpens them, and a threshold (calibrated on the case's weak labels by default) makes the label.
+sharpens them, and a threshold set by the case's weak labels (by default the middle of each region's target
+interval) makes the label.
 
 Safety: the source dataset is only read. The new dataset is `DatasetNEW_ID_<Name>Pseudo`; an existing one is
 refused without `overwrite`. Every file is written under a temporary name and renamed; a case counts as done
@@ -45,7 +46,7 @@ class PseudoLabelSettings:
     checkpoint: str = "checkpoint_final.pth"
     crf: str = "dense"  # or "none"
     crf_backend: str = "auto"  # auto | pydensecrf | torch
-    threshold: str = "calibrated"  # calibrated | midpoint | otsu | a number
+    threshold: str = "midpoint"  # midpoint | calibrated | otsu | a number
     ignore_band: float = 0.0
     map_kind: str = "final"  # final | dram | refined
     crf_params: dict = field(default_factory=dict)

@@ -1,16 +1,18 @@
 """From a lesion probability map to a binary pseudo label.
 
 Four ways, all restricted to the regions (lesions outside the lungs do not exist):
-- `calibrated` (default): per region, the weak label sets the lesion volume. The map at 0.5 is kept where its
-  region fraction already lies inside the region's target interval; otherwise the k most probable voxels are
-  taken, k being the interval's nearest bound × the region's voxel count. A region with a 0 % target is empty.
-  This is the one place where the weak labels of the training cases are used again, and it removes the map's
-  calibration error (the regression only fits the mean, not the threshold).
-- `midpoint`: per region, the k most probable voxels, k being the middle of the target interval × the region's
-  voxel count (the count of an exact percentage; nothing in a 0 % region). For interval targets such as CTSS it
-  does not trust the map at 0.5, which the interval loss does not calibrate (any fraction inside the interval costs
-  nothing): on the synthetic CTs `calibrated` makes CTSS pseudo lesions of 0.77-0.84x the true volume. It assumes
-  a region's lesion fraction lies near the middle of its interval on average.
+- `midpoint` (default): per region, the weak label sets the lesion volume: the k most probable voxels, k being the
+  middle of the target interval × the region's voxel count (the count of an exact percentage; nothing in a 0 %
+  region). This is the one place where the weak labels of the training cases are used again, and it removes the
+  map's calibration error (the regression only fits the mean, not the threshold). For interval targets such as
+  CTSS it does not trust the map: the interval loss stops pulling a region's mean once it is inside the interval,
+  and the map reaches the interval from below, so on the synthetic CTs the map's own share was 0.77-0.89x the true
+  lesion volume, while the middle of the CTSS bands was 1.04x. It assumes a region's lesion fraction lies near the
+  middle of its interval on average.
+- `calibrated`: per region, the map at 0.5 is kept where its region fraction already lies inside the region's
+  target interval; otherwise the k most probable voxels are taken, k being the interval's nearest bound × the
+  region's voxel count. With exact percentages the same as `midpoint`; with intervals, the map's own estimate
+  inside them (close to the lower bound, see above).
 - `otsu`: Otsu's threshold over all region voxels (the authors' choice).
 - a fixed number, e.g. 0.5.
 An optional uncertainty band marks voxels whose probability is close to their region's effective threshold
@@ -62,7 +64,7 @@ def threshold_region(p: np.ndarray, target: RegionTarget | None, default: float 
     return sel, float(p[sel].min())
 
 
-def pseudo_label(prob: np.ndarray, regions: np.ndarray, method: str | float = "calibrated",
+def pseudo_label(prob: np.ndarray, regions: np.ndarray, method: str | float = "midpoint",
                  targets: dict[int, RegionTarget] | None = None, ignore_band: float = 0.0,
                  tie_break: np.ndarray | None = None) -> np.ndarray:
     """uint8 label map (0 background, 1 lesion, 2 ignore) of the same shape as `prob`; tie_break (same shape, e.g.
