@@ -48,7 +48,8 @@ def test_pseudo_label_dataset_is_a_valid_nnunet_dataset(trained, tmp_path):
         regions = sitk.GetArrayFromImage(sitk.ReadImage(str(src / "labelsTr" / f"{case}.nii.gz")))
         assert set(np.unique(label)) <= {0, 1}
         assert not label[regions == 0].any(), "lesions only inside the regions"
-        # calibrated thresholds: each region's pseudo-lesion share lands on its weak target (to one voxel)
+        # the default threshold (midpoint; an exact percentage is its own midpoint): each region's pseudo-lesion share
+        # lands on its weak target (to one voxel)
         for region, pct in targets.items():
             m = regions == int(region)
             assert abs(label[m].mean() * 100 - pct) <= 100 / m.sum() + 0.051
