@@ -626,6 +626,7 @@ def _exit_on_signal(signum, frame):
 
 
 def parse_args(argv=None):
+    from nnunetv2_dram.pseudo_labels.thresholds import DEFAULT_THRESHOLD
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--preset", default="quick", choices=("quick", "full"),
@@ -662,7 +663,7 @@ def parse_args(argv=None):
                     help="the final networks and the fully supervised one train F times as many iterations per "
                          "epoch as the weak models; in a resumed workspace the weak models and pseudo labels are "
                          "kept, and these rows are kept apart from those of other factors")
-    ap.add_argument("--threshold", default="midpoint",
+    ap.add_argument("--threshold", default=DEFAULT_THRESHOLD,
                     help="pseudo-label threshold of every arm (nnunetv2_dram pseudolabels --threshold); a workspace "
                          "keeps the pseudo labels it has, so give another threshold a workspace of its own")
     ap.add_argument("--ignore-band", type=float, default=0.0,

@@ -71,8 +71,9 @@ def run(args) -> int:
 
 def _pipeline_args(args, trainer, new_id):
     import argparse
+    from nnunetv2_dram.pseudo_labels.thresholds import DEFAULT_THRESHOLD
     return argparse.Namespace(o=new_id, c="3d_fullres", tr=trainer, f="all", preset="quick", epochs=args.epochs,
-                              iterations=args.iterations, predictions=None, crf="dense", threshold="midpoint",
+                              iterations=args.iterations, predictions=None, crf="dense", threshold=DEFAULT_THRESHOLD,
                               ignore_band=0.0, device=args.device, np=args.np, plans_identifier=None, planner=None,
                               restrict_to_regions=False)
 

@@ -50,7 +50,8 @@ THRESHOLD_RULES = ("calibrated", "midpoint", "otsu")
 
 
 def add_threshold_flag(parser, help_text: str) -> None:
-    parser.add_argument("--threshold", default="midpoint", help=help_text)
+    from nnunetv2_dram.pseudo_labels.thresholds import DEFAULT_THRESHOLD
+    parser.add_argument("--threshold", default=DEFAULT_THRESHOLD, help=help_text)
 
 
 def check_threshold(value: str) -> str:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from nnunetv2_dram.pipeline.nnunet_commands import run_nnunet
 from nnunetv2_dram.pipeline.quick_plans import QUICK_SUFFIX, write_quick_plans
+from nnunetv2_dram.pseudo_labels.thresholds import DEFAULT_THRESHOLD
 from nnunetv2_dram.training.budget import (DEFAULT_EPOCHS, DEFAULT_ITERATIONS, budget_trainer_name,
                                            parse_budget_trainer_name)
 
@@ -45,7 +46,7 @@ class PipelineOptions:
     fold: str = "all"
     num_processes: int = 2
     crf: str = "dense"
-    threshold: str = "midpoint"
+    threshold: str = DEFAULT_THRESHOLD
     ignore_band: float = 0.0
     plans_identifier: str | None = None  # -p; None: the planner's own (quick: its compact copy)
     planner: str | None = None  # -pl, an nnU-Net experiment planner class; None: nnU-Net's default

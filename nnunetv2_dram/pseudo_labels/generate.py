@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from nnunetv2_dram.io_utils import atomic_path, atomic_write_json
+from nnunetv2_dram.pseudo_labels.thresholds import DEFAULT_THRESHOLD
 from nnunetv2_dram.weak_labels.format import FILENAME as WEAK_LABELS_FILE, read_weak_labels
 
 MARKER = ".nnunetv2_dram_pseudolabels.json"
@@ -46,7 +47,7 @@ class PseudoLabelSettings:
     checkpoint: str = "checkpoint_final.pth"
     crf: str = "dense"  # or "none"
     crf_backend: str = "auto"  # auto | pydensecrf | torch
-    threshold: str = "midpoint"  # midpoint | calibrated | otsu | a number
+    threshold: str = DEFAULT_THRESHOLD  # midpoint | calibrated | otsu | a number
     ignore_band: float = 0.0
     map_kind: str = "final"  # final | dram | refined
     crf_params: dict = field(default_factory=dict)

@@ -24,6 +24,9 @@ import numpy as np
 
 from nnunetv2_dram.weak_labels.format import RegionTarget
 
+#: the rule of every command and option that makes pseudo labels, unless told otherwise
+DEFAULT_THRESHOLD = "midpoint"
+
 LESION, IGNORE = 1, 2
 
 
@@ -64,7 +67,7 @@ def threshold_region(p: np.ndarray, target: RegionTarget | None, default: float 
     return sel, float(p[sel].min())
 
 
-def pseudo_label(prob: np.ndarray, regions: np.ndarray, method: str | float = "midpoint",
+def pseudo_label(prob: np.ndarray, regions: np.ndarray, method: str | float = DEFAULT_THRESHOLD,
                  targets: dict[int, RegionTarget] | None = None, ignore_band: float = 0.0,
                  tie_break: np.ndarray | None = None) -> np.ndarray:
     """uint8 label map (0 background, 1 lesion, 2 ignore) of the same shape as `prob`; tie_break (same shape, e.g.
