@@ -7,7 +7,7 @@ HERE = Path(__file__).parent
 
 setup(
     name="nnunetv2_dram",
-    version="0.7.0",
+    version="0.8.0",
     description="Dense regression activation maps (dRAM) for nnU-Net v2: lesion segmentation from per-lobe "
                 "lesion percentages or CT severity scores",
     long_description=(HERE / "README.md").read_text(encoding="utf-8") if (HERE / "README.md").exists() else "",

@@ -10,7 +10,7 @@ from nnunetv2_dram.paths import trainers_path
 TRAINERS = ["DRAMTrainer", "DRAMTrainerNoRefine", "CAMTrainer", "DRAMTrainerWithCRF",
             "DRAMTrainerCoarseRefinement", "DRAMTrainerWithoutHead", "DRAMTrainerHeadOnly",
             "DRAMTrainerPointwiseHead", "DRAMTrainerDecoderHead", "DRAMTrainerWithoutAttention",
-            "DRAMTrainerHalfDRAMWeight", "DRAMTrainerWithAttention",
+            "DRAMTrainerHalfDRAMWeight", "DRAMTrainerFullDRAMWeight", "DRAMTrainerWithAttention",
             "nnUNetTrainerBudget"]
 
 

@@ -12,7 +12,7 @@ from nnunetv2_dram.inference.region_inference import predict_case_by_regions
 from nnunetv2_dram.losses.self_training import calibrated_targets, self_training_loss
 from nnunetv2_dram.training.dram_trainers import LOCAL_ATTENTION, DRAMTrainer
 from nnunetv2_dram.training.region_chunks import ChunkSpec, build_region_samples, region_bboxes
-from nnunetv2_dram.training.variants.refinement import DRAMTrainerHalfDRAMWeight
+from nnunetv2_dram.training.variants.refinement import DRAMTrainerFullDRAMWeight
 
 from test_dram_refinement import _iou
 
@@ -177,8 +177,8 @@ def _case(dim: int, size: int):
     return data, seg, samples
 
 
-@pytest.mark.parametrize("head", [DRAMTrainer.head_settings, DRAMTrainerHalfDRAMWeight.head_settings],
-                         ids=["DRAMTrainer", "half_dram_weight"])
+@pytest.mark.parametrize("head", [DRAMTrainer.head_settings, DRAMTrainerFullDRAMWeight.head_settings],
+                         ids=["DRAMTrainer", "full_dram_weight"])
 @pytest.mark.parametrize("dim", [2, 3])
 def test_a_voxelwise_head_is_evaluated_on_the_case_grid(dim, head, monkeypatch):
     """The chunks are zoomed to fit the patch, so a map computed on them is coarser than the case. DRAMTrainer's head
@@ -211,7 +211,7 @@ def test_a_voxelwise_head_is_evaluated_on_the_case_grid(dim, head, monkeypatch):
     assert not zoomed[bright].min() > zoomed[inside & ~bright].max()
 
 
-def test_a_refinement_without_attention_is_the_dram_plus_the_head_and_is_stored_so():
+def test_a_refinement_without_attention_is_half_the_dram_plus_the_head_and_is_stored_so():
     net = _network(2, DRAMTrainer.head_settings)
     without = DenseRegressionNetwork(_unet(2, True), 2, (1.0, 1.0), image_channels=1, low_level_channels=4,
                                      refinement={"attention": None, "crf": None, "downsample": 1,
@@ -221,7 +221,7 @@ def test_a_refinement_without_attention_is_the_dram_plus_the_head_and_is_stored_
         without.refinement.head.out.weight.normal_()
     x = torch.randn(2, 1, 16, 16)
     out = without(x, return_all=True)
-    assert torch.allclose(out["refined"], out["dram"][0] + out["head"], atol=1e-6)
+    assert torch.allclose(out["refined"], 0.5 * out["dram"][0] + out["head"], atol=1e-6)
     rebuilt = DenseRegressionNetwork(_unet(2, True), 2, (1.0, 1.0), image_channels=1, low_level_channels=4,
                                      refinement={"attention": None, "crf": None, "downsample": 1,
                                                  "head": DRAMTrainer.head_settings})
@@ -260,21 +260,21 @@ def test_a_model_trained_with_the_attention_loads_into_todays_dramtrainer_and_pr
 
 
 def test_the_dram_weight_scales_the_dram_under_the_head_and_is_stored_with_the_checkpoint():
-    """DRAMTrainerHalfDRAMWeight: refined = 0.5 x dRAM + head. A model trained with one weight predicts with it
+    """DRAMTrainer: refined = 0.5 x dRAM + head. A model trained with one weight predicts with it
     whatever weight the loading network was built with; a stored head without `dram_weight` (models of version 0.5.0
     and earlier) has weight 1."""
     def network(head):
         torch.manual_seed(1)
         return DenseRegressionNetwork(_unet(2, True), 2, (1.0, 1.0), image_channels=1, low_level_channels=4,
                                       refinement={"attention": None, "crf": None, "downsample": 1, "head": head})
-    half = network(DRAMTrainerHalfDRAMWeight.head_settings)
+    half = network(DRAMTrainer.head_settings)
     with torch.no_grad():
         half.refinement.head.out.weight.normal_()
     x = torch.randn(2, 1, 16, 16)
     with torch.no_grad():
         out = half(x, return_all=True)
     assert torch.allclose(out["refined"], 0.5 * out["dram"][0] + out["head"], atol=1e-6)
-    full = network(DRAMTrainer.head_settings)
+    full = network(DRAMTrainerFullDRAMWeight.head_settings)
     assert full.refinement.head_dram_weight == 1.0
     full.load_state_dict(half.state_dict())
     assert full.refinement.head_dram_weight == 0.5
@@ -283,7 +283,7 @@ def test_the_dram_weight_scales_the_dram_under_the_head_and_is_stored_with_the_c
     state = network(DRAMTrainer.head_settings).state_dict()
     stored = next(v for k, v in state.items() if k.endswith("_extra_state"))
     del stored["settings"]["head"]["dram_weight"]  # as written before the setting existed
-    loading = network(DRAMTrainerHalfDRAMWeight.head_settings)
+    loading = network(DRAMTrainer.head_settings)
     loading.load_state_dict(state)
     assert loading.refinement.head_dram_weight == 1.0
 

@@ -1,6 +1,6 @@
 """The dRAM's refinement: a map of its own, computed from the detached dRAM.
 
-    refined = w * CRF( attention( dRAM, features ), image ) + head(image)        (DRAMTrainer: dRAM + head(image))
+    refined = w * CRF( attention( dRAM, features ), image ) + head(image)        (DRAMTrainer: 0.5 * dRAM + head(image))
 
 The head (building_blocks/voxel_head.py) is a small per-voxel classifier; what it reads (`inputs`: the image alone,
 the image and the first-stage features, or the image and the decoder's last features) and where its logits go
@@ -13,7 +13,7 @@ evaluated on any grid, and region inference adds it on the case's own grid, fine
 the refinement sees.
 
 The head's `dram_weight` w (1 if not given) scales what a head added after the attention is added to: below 1, the
-head's per-voxel score decides more of the ranking inside a region (DRAMTrainerHalfDRAMWeight).
+head's per-voxel score decides more of the ranking inside a region (DRAMTrainer: 0.5; DRAMTrainerFullDRAMWeight: 1).
 
 The attention propagates the dRAM's logits between feature-similar neighbours (building_blocks/local_attention.py);
 the trainable dense CRF (building_blocks/dense_crf.py) smooths the result along the image. Both pass messages only

@@ -23,16 +23,18 @@ LOCAL_ATTENTION = {"kernel_size": 3, "iterations": 2, "init_mix": 1.0, "learn_mi
 class DRAMTrainer(WeakRegressionTrainer):
     """Dense regression activation maps: nnU-Net's network with one sigmoid output, averaged inside each region to
     regress the region's lesion fraction (on every deep-supervision scale). A refinement computes a map of its own
-    from the detached dRAM: a per-voxel classifier head on the image adds an appearance score to the dRAM's logits.
-    The head is trained per voxel by class-balanced, bootstrapped self-training against the dRAM thresholded inside
-    the region (losses/self_training.py); nothing of it reaches the dRAM. Pseudo labels come from the refined map.
+    from the detached dRAM: a per-voxel classifier head on the image adds an appearance score to half the dRAM's
+    logits. The head is trained per voxel by class-balanced, bootstrapped self-training against the dRAM thresholded
+    inside the region (losses/self_training.py); nothing of it reaches the dRAM. Pseudo labels come from the refined
+    map.
     The method's local-affinity attention and a trainable dense CRF are settings (DRAMTrainerWithAttention,
     DRAMTrainerWithCRF): measured, neither made better pseudo labels, and the attention costs most of a refinement's
     training time."""
 
     refine = True
-    #: None: no attention, the refined map is the dRAM plus the head; a dict (LocalAffinityAttention's arguments, e.g.
-    #: LOCAL_ATTENTION) propagates the dRAM's logits between feature-similar neighbours before the head is added
+    #: None: no attention, the refined map is half the dRAM plus the head; a dict (LocalAffinityAttention's
+    #: arguments, e.g. LOCAL_ATTENTION) propagates the dRAM's logits between feature-similar neighbours before the head
+    #: is added
     attention_settings: dict | None = None
     #: None: no CRF inside the network while training (the pseudo labels get a dense CRF on the CT either way);
     #: a dict (TrainableDenseCRF's arguments, may be empty) switches the trainable CRF on
@@ -42,9 +44,12 @@ class DRAMTrainer(WeakRegressionTrainer):
     #: Here: a perceptron on each voxel's intensity, trained by its own self-training loss (through the refined map,
     #: whose target is the dRAM's own threshold, it would learn only what the dRAM does not already say), added to the
     #: dRAM's logits (after the attention, where there is one), and evaluated on the case's own grid when pseudo labels
-    #: are made
+    #: are made. `dram_weight` 0.5: the head's score is added to half the dRAM's logits; the region regression leaves
+    #: those logits large, and at full weight (DRAMTrainerFullDRAMWeight) they decide most of the ranking inside a
+    #: region. The weight enters only the refined map, which trains nothing here: it changes the pseudo labels, not
+    #: what is trained
     head_settings: dict | None = {"combine": "add_after", "inputs": "image", "kernel_size": 1, "norm": False,
-                                  "own_loss": True}
+                                  "own_loss": True, "dram_weight": 0.5}
     #: 1: the refinement at the dRAM's full resolution, so that it can move an edge by a voxel
     refine_downsample = 1
     self_training_weight = 1.0

@@ -9,9 +9,11 @@ from nnunetv2_dram.training.dram_trainers import LOCAL_ATTENTION, DRAMTrainer
 class DRAMTrainerWithAttention(DRAMTrainer):
     """The method's local-affinity attention before the head: the dRAM's logits are propagated between
     feature-similar neighbours (image and first-stage features), trained by the same self-training, and the head's
-    score is added to its output. DRAMTrainer up to version 0.4.0."""
+    score is added to the attention's full output (`dram_weight` 1: the weight scales what the attention's
+    self-training learns from). DRAMTrainer up to version 0.4.0."""
 
     attention_settings = LOCAL_ATTENTION
+    head_settings = {**DRAMTrainer.head_settings, "dram_weight": 1.0}
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -29,11 +31,10 @@ class DRAMTrainerWithCRF(DRAMTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
 
 
-class DRAMTrainerCoarseRefinement(DRAMTrainer):
+class DRAMTrainerCoarseRefinement(DRAMTrainerWithAttention):
     """DRAMTrainerWithAttention's attention on a 2x coarser grid (1/4 of the voxels in 2-D, 1/8 in 3-D), its map
     upsampled: cheaper, but it cannot move an edge by less than two voxels."""
 
-    attention_settings = LOCAL_ATTENTION
     refine_downsample = 2
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -88,10 +89,21 @@ class DRAMTrainerDecoderHead(DRAMTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
 
 
+class DRAMTrainerFullDRAMWeight(DRAMTrainer):
+    """The head's score added to the dRAM's full logits (`dram_weight` 1), which then decide most of the ranking inside
+    a region: DRAMTrainer up to version 0.7.0. Trains exactly as DRAMTrainer (the weight enters only the refined map,
+    which trains nothing there); only the refined map, and so the pseudo labels, differ."""
+
+    head_settings = {**DRAMTrainer.head_settings, "dram_weight": 1.0}
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+
+
 class DRAMTrainerHalfDRAMWeight(DRAMTrainer):
-    """The head's score added to half the dRAM's logits (`dram_weight` 0.5), so that the head's per-voxel evidence
-    decides more of the ranking inside a region. Trains exactly as DRAMTrainer: the weight enters only the refined
-    map, which trains nothing there."""
+    """DRAMTrainer's refinement (the head's score added to half the dRAM's logits) under the name it was measured
+    with as a variant, so that its models and commands keep working."""
 
     head_settings = {**DRAMTrainer.head_settings, "dram_weight": 0.5}
 
@@ -101,8 +113,9 @@ class DRAMTrainerHalfDRAMWeight(DRAMTrainer):
 
 
 class DRAMTrainerWithoutAttention(DRAMTrainer):
-    """The same refinement as DRAMTrainer's (the dRAM plus the classifier head's intensity score, no attention), under
-    the name it had in version 0.4.0, so that models trained with it keep loading."""
+    """The same refinement as DRAMTrainer's (the classifier head's intensity score added to the dRAM's logits, no
+    attention), under the name it had in version 0.4.0, so that models trained with it keep loading (with the head
+    weight they stored)."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
