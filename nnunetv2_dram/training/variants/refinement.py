@@ -6,14 +6,25 @@ import torch
 from nnunetv2_dram.training.dram_trainers import LOCAL_ATTENTION, DRAMTrainer
 
 
-class DRAMTrainerWithAttention(DRAMTrainer):
+class DRAMTrainerFullDRAMWeight(DRAMTrainer):
+    """The head's score added to the dRAM's full logits (`dram_weight` 1), which then decide most of the ranking inside
+    a region: DRAMTrainer up to version 0.7.0. Trains exactly as DRAMTrainer (the weight enters only the refined map,
+    which trains nothing there); only the refined map, and so the pseudo labels, differ."""
+
+    head_settings = {**DRAMTrainer.head_settings, "dram_weight": 1.0}
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+
+
+class DRAMTrainerWithAttention(DRAMTrainerFullDRAMWeight):
     """The method's local-affinity attention before the head: the dRAM's logits are propagated between
     feature-similar neighbours (image and first-stage features), trained by the same self-training, and the head's
-    score is added to the attention's full output (`dram_weight` 1: the weight scales what the attention's
+    score is added to the attention's full output (the full weight: here it scales what the attention's
     self-training learns from). DRAMTrainer up to version 0.4.0."""
 
     attention_settings = LOCAL_ATTENTION
-    head_settings = {**DRAMTrainer.head_settings, "dram_weight": 1.0}
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -83,18 +94,6 @@ class DRAMTrainerDecoderHead(DRAMTrainer):
 
     attention_settings = LOCAL_ATTENTION
     head_settings = {"combine": "add"}
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-
-
-class DRAMTrainerFullDRAMWeight(DRAMTrainer):
-    """The head's score added to the dRAM's full logits (`dram_weight` 1), which then decide most of the ranking inside
-    a region: DRAMTrainer up to version 0.7.0. Trains exactly as DRAMTrainer (the weight enters only the refined map,
-    which trains nothing there); only the refined map, and so the pseudo labels, differ."""
-
-    head_settings = {**DRAMTrainer.head_settings, "dram_weight": 1.0}
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
